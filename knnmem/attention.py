@@ -1,0 +1,117 @@
+"""Attention maths of LongLLaMA as pure functions: rotary embeddings, masks, and the single softmax
+over local context and retrieved memory. Modules in `modeling.py` only project and dispatch here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .memory import MemoryHits
+
+
+def rotary_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    """Inverse frequencies of rotary embeddings, `(head_dim // 2,)` float32."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate `x` (B, H, T, D) by `positions` (B, T) with base `theta`."""
+    inv_freq = rotary_inv_freq(x.shape[-1], theta).to(x.device)
+    angles = positions[..., None].float() * inv_freq  # (B, T, D/2)
+    emb = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, D)
+    return x * emb.cos().to(x.dtype) + rotate_half(x) * emb.sin().to(x.dtype)
+
+
+def relative_positions(positions: torch.Tensor) -> torch.Tensor:
+    """Positions (B, S) made relative to the smallest position of each row, so a local span starts at 0."""
+    return positions - positions.min(dim=-1, keepdim=True).values
+
+
+def min_score(dtype: torch.dtype) -> float:
+    """The floor masked scores are clamped to: LongLLaMA's `max(finfo.min, -1e6)`.
+
+    Clamping (instead of leaving `-inf`) keeps a fully masked query row finite, which is what the
+    published implementation computes for padding queries.
+    """
+    return max(torch.finfo(dtype).min, -1e6)
+
+
+def local_mask(valid: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """Boolean mask (B, 1, T, S) of the keys each query may see.
+
+    `valid` (B, S) marks non-padding keys; the last `num_queries` keys are the queries themselves, so
+    query i sees every earlier key (cache) and the new keys up to itself.
+    """
+    num_keys = valid.shape[-1]
+    query_pos = torch.arange(num_keys - num_queries, num_keys, device=valid.device)
+    causal = torch.arange(num_keys, device=valid.device)[None, :] <= query_pos[:, None]  # (T, S)
+    return causal[None, None] & valid[:, None, None, :].bool()
+
+
+def _masked_scores(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    floor = min_score(scores.dtype)
+    return scores.masked_fill(~mask, floor).clamp_min(floor)
+
+
+def attend(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    hits: MemoryHits | None = None,
+    *,
+    use_sdpa: bool = False,
+) -> torch.Tensor:
+    """Attention of `queries` over local keys plus optional memory hits, with one softmax.
+
+    Args:
+        queries: (B, H, T, D), already rotated as the layer requires.
+        keys, values: (B, H, S, D) local keys (rotated) and values.
+        mask: (B, 1, T, S) boolean, True where a query may see a local key.
+        hits: memory entries retrieved for these queries: shared by all queries (keys (B, H, M, D)) or
+            per query (keys (B, H, T, K, D)); `hits.valid` marks entries that may receive attention.
+        use_sdpa: use the fused kernel where the key set is shared by all queries.
+
+    Returns:
+        (B, H, T, D) attention output, in the dtype of `queries`.
+    """
+    scale = math.sqrt(queries.shape[-1])
+    shared = hits is None or hits.keys.dim() == 4
+    if use_sdpa and shared:
+        if hits is not None:
+            keys = torch.cat([keys, hits.keys.to(keys.dtype)], dim=-2)
+            values = torch.cat([values, hits.values.to(values.dtype)], dim=-2)
+            mem_mask = hits.valid[:, None, None, :].expand(-1, 1, mask.shape[-2], -1)
+            mask = torch.cat([mask, mem_mask], dim=-1)
+        bias = torch.zeros(mask.shape, dtype=queries.dtype, device=queries.device)
+        bias.masked_fill_(~mask, min_score(queries.dtype))
+        return F.scaled_dot_product_attention(queries, keys, values, attn_mask=bias)
+
+    scores = _masked_scores(torch.matmul(queries, keys.transpose(-1, -2)) / scale, mask)  # (B, H, T, S)
+    if hits is None:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(queries.dtype)
+        return torch.matmul(probs, values)
+
+    mem_keys = hits.keys.to(queries.dtype)
+    mem_values = hits.values.to(values.dtype)
+    if shared:
+        mem_scores = torch.matmul(queries, mem_keys.transpose(-1, -2)) / scale  # (B, H, T, M)
+        mem_valid = hits.valid[:, None, None, :]
+    else:
+        mem_scores = torch.einsum("bhtd,bhtkd->bhtk", queries, mem_keys) / scale  # (B, H, T, K)
+        mem_valid = hits.valid
+    mem_scores = _masked_scores(mem_scores, mem_valid.expand_as(mem_scores))
+    probs = torch.softmax(torch.cat([scores, mem_scores], dim=-1), dim=-1, dtype=torch.float32).to(queries.dtype)
+    local_probs, mem_probs = probs.split([scores.shape[-1], mem_scores.shape[-1]], dim=-1)
+    out = torch.matmul(local_probs, values)
+    if shared:
+        return out + torch.matmul(mem_probs, mem_values)
+    return out + torch.einsum("bhtk,bhtkd->bhtd", mem_probs, mem_values)

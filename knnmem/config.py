@@ -1,0 +1,114 @@
+"""Configuration of LongLLaMA models: LLaMA fields plus the Focused-Transformer memory fields.
+
+The field names and defaults are those of the published LongLLaMA checkpoints, so their `config.json`
+files load unchanged (their `auto_map` entries are kept as data and never used).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PretrainedConfig
+
+MEM_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class LongLlamaConfig(PretrainedConfig):
+    """Configuration of a LongLLaMA model.
+
+    Memory fields (the rest are the usual LLaMA ones):
+        max_position_embeddings: the context window W; long inputs are processed W tokens at a time.
+        last_context_length: tokens at the end of a long input kept in the local cache instead of memory.
+        mem_layers: indices of the layers that attend to memory.
+        mem_positionals: whether memory layers use rotary embeddings at all.
+        mem_dtype: dtype in which memory keys and values are stored.
+        mem_attention_grouping: `(heads, queries)` processed at once in memory layers; bounds the size of
+            the score matrix, never changes results.
+        torch_attention: use `torch.nn.functional.scaled_dot_product_attention`; never changes results.
+        gradient_checkpoint_every_ith: with gradient checkpointing on, checkpoint every i-th layer only.
+    """
+
+    model_type = "longllama"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    last_context_length: int = 1024
+    mem_layers: list[int] | tuple[int, ...] = ()
+    mem_positionals: bool = True
+    mem_dtype: str = "bfloat16"
+    mem_attention_grouping: list[int] | tuple[int, ...] | None = None
+    torch_attention: bool = False
+    gradient_checkpoint_every_ith: int = 1
+
+    def __post_init__(self, **kwargs):
+        self.mem_layers = [int(i) for i in self.mem_layers]
+        if self.mem_attention_grouping is not None:
+            self.mem_attention_grouping = [int(i) for i in self.mem_attention_grouping]
+        super().__post_init__(**kwargs)
+        self.validate_memory()
+
+    def validate_memory(self) -> None:
+        """Raise `ValueError` naming the first field that LongLLaMA cannot run with."""
+        if self.rope_scaling is not None:
+            raise ValueError(
+                f"rope_scaling={self.rope_scaling!r} is not supported: LongLLaMA uses plain rotary embeddings; "
+                "remove rope_scaling from the config (or set it to None)"
+            )
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if (self.hidden_size // self.num_attention_heads) % 2 != 0:
+            raise ValueError(
+                f"head dimension {self.hidden_size // self.num_attention_heads} must be even for rotary embeddings"
+            )
+        bad = [i for i in self.mem_layers if not 0 <= i < self.num_hidden_layers]
+        if bad:
+            raise ValueError(
+                f"mem_layers {bad} out of range: the model has {self.num_hidden_layers} layers "
+                f"(valid indices 0..{self.num_hidden_layers - 1})"
+            )
+        if len(set(self.mem_layers)) != len(self.mem_layers):
+            raise ValueError(f"mem_layers {self.mem_layers} contains duplicates")
+        if self.max_position_embeddings < 1:
+            raise ValueError(f"max_position_embeddings must be >= 1, got {self.max_position_embeddings}")
+        check_last_context_length(self.last_context_length)
+        if self.mem_dtype not in MEM_DTYPES:
+            raise ValueError(f"mem_dtype must be one of {MEM_DTYPES}, got {self.mem_dtype!r}")
+        grouping = self.mem_attention_grouping
+        if grouping is not None and (len(grouping) != 2 or min(grouping) <= 0):
+            raise ValueError(
+                f"mem_attention_grouping must be None or two positive ints (heads, queries), got {grouping}"
+            )
+        if self.gradient_checkpoint_every_ith < 1:
+            raise ValueError(f"gradient_checkpoint_every_ith must be >= 1, got {self.gradient_checkpoint_every_ith}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def memory_dtype(self) -> torch.dtype:
+        return getattr(torch, self.mem_dtype)
+
+
+def check_last_context_length(value) -> int:
+    """Return `value` if it is a valid `last_context_length`, else raise `ValueError`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"last_context_length must be an integer >= 1, got {value!r}")
+    return value

@@ -1,0 +1,395 @@
+"""LongLLaMA in PyTorch: LLaMA whose memory layers also attend to a memory of earlier windows.
+
+`LongLlamaModel.forward` is the window loop of the Focused Transformer: a long input is cut into
+windows of `max_position_embeddings` tokens, each window runs through all layers, and after it the
+memory layers' keys and values are written to the `Memory`, an explicit step of the loop. The last
+`last_context_length` tokens go to the local cache (generation) or to memory (no cache).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.generation.stopping_criteria import MaxLengthCriteria
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .attention import apply_rotary, attend, local_mask, relative_positions
+from .cache import LongLlamaCache
+from .config import LongLlamaConfig, check_last_context_length
+from .memory import Memory
+
+KeyValue = tuple[torch.Tensor, torch.Tensor]
+
+
+class LongLlamaRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class LongLlamaMLP(nn.Module):
+    def __init__(self, config: LongLlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LongLlamaAttention(nn.Module):
+    """Projects, applies rotary embeddings relative to the local span, and dispatches to `attend`.
+
+    A memory layer also reads `memory` (never writes it: the window loop does) and, with
+    `mem_positionals=False`, uses no rotary embeddings at all.
+    """
+
+    def __init__(self, config: LongLlamaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.is_memory_layer = layer_idx in config.mem_layers
+        self.use_rotary = config.mem_positionals or not self.is_memory_layer
+        self.rope_theta = config.rope_theta
+        # Grouping bounds the (heads x queries x memory) score matrix in memory layers.
+        self.grouping = config.mem_attention_grouping if self.is_memory_layer else None
+        self.use_sdpa = config.torch_attention
+        width = self.num_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.o_proj = nn.Linear(width, config.hidden_size, bias=False)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        valid: torch.Tensor,
+        past: tuple[torch.Tensor, ...] | None,
+        memory: Memory | None,
+    ) -> tuple[torch.Tensor, KeyValue]:
+        q, k, v = self._heads(self.q_proj(hidden)), self._heads(self.k_proj(hidden)), self._heads(self.v_proj(hidden))
+        num_queries = q.shape[2]
+        keys, values, span_positions, span_valid = k, v, positions, valid
+        if past is not None:
+            past_k, past_v, past_positions, past_valid = past
+            keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, H, S, D)
+            span_positions = torch.cat([past_positions, positions], dim=1)  # (B, S)
+            span_valid = torch.cat([past_valid, valid], dim=1)
+        if self.use_rotary:
+            rel = relative_positions(span_positions)
+            q = apply_rotary(q, rel[:, -num_queries:], self.rope_theta)
+            keys = apply_rotary(keys, rel, self.rope_theta)
+        mask = local_mask(span_valid, num_queries)  # (B, 1, T, S)
+
+        if not self.is_memory_layer or memory is None or not len(memory):
+            out = attend(q, keys, values, mask, use_sdpa=self.use_sdpa)
+        else:
+            out = self._attend_with_memory(q, keys, values, mask, memory)
+        batch = hidden.shape[0]
+        out = out.transpose(1, 2).reshape(batch, num_queries, self.num_heads * self.head_dim)
+        # Raw k, v are what memory and cache store: rotation by position 0 is the identity.
+        return self.o_proj(out), (k, v)
+
+    def _attend_with_memory(self, q, keys, values, mask, memory: Memory) -> torch.Tensor:
+        group_heads, group_queries = self.grouping or (self.num_heads, q.shape[2])
+        rows = []
+        for h0 in range(0, self.num_heads, group_heads):
+            heads = slice(h0, min(h0 + group_heads, self.num_heads))
+            cols = []
+            for t0 in range(0, q.shape[2], group_queries):
+                queries = slice(t0, t0 + group_queries)
+                q_block = q[:, heads, queries]
+                hits = memory.search(self.layer_idx, q_block, heads)
+                cols.append(
+                    attend(q_block, keys[:, heads], values[:, heads], mask[:, :, queries], hits, use_sdpa=self.use_sdpa)
+                )
+            rows.append(torch.cat(cols, dim=2))
+        return torch.cat(rows, dim=1)  # (B, H, T, D)
+
+
+class LongLlamaDecoderLayer(nn.Module):
+    def __init__(self, config: LongLlamaConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = LongLlamaAttention(config, layer_idx)
+        self.mlp = LongLlamaMLP(config)
+        self.input_layernorm = LongLlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = LongLlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden, positions, valid, past, memory) -> tuple[torch.Tensor, KeyValue]:
+        attn_out, new_kv = self.self_attn(self.input_layernorm(hidden), positions, valid, past, memory)
+        hidden = hidden + attn_out
+        hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
+        return hidden, new_kv
+
+
+class LongLlamaPreTrainedModel(PreTrainedModel):
+    config_class = LongLlamaConfig
+    config: LongLlamaConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["LongLlamaDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained` that refuses checkpoints whose tensors do not match the config.
+
+        Raises:
+            ValueError: naming the missing, unexpected or wrongly shaped tensors.
+        """
+        return_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        problems = [
+            f"{label}: {sorted(map(str, info[key]))}"
+            for key, label in (
+                ("missing_keys", "missing tensors"),
+                ("mismatched_keys", "tensors with mismatched shapes"),
+                ("unexpected_keys", "unexpected tensors"),
+            )
+            if info.get(key)
+        ]
+        if problems:
+            raise ValueError(
+                f"checkpoint {pretrained_model_name_or_path} does not match its LongLLaMA config: " + "; ".join(problems)
+            )
+        return (model, info) if return_info else model
+
+
+class LongLlamaModel(LongLlamaPreTrainedModel):
+    """The LongLLaMA decoder (no head): window loop, local cache and memory writes."""
+
+    def __init__(self, config: LongLlamaConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(LongLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = LongLlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: LongLlamaCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        memory: Memory | None = None,
+        last_context_length: int | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """Run an input of any length.
+
+        Args:
+            input_ids: (B, L) token ids (or `inputs_embeds` (B, L, C)).
+            attention_mask: (B, L) or (B, tokens already seen + L); 0 marks padding.
+            position_ids: (B, L) absolute positions; by default they continue from the cache.
+            past_key_values: a `LongLlamaCache` from an earlier call (generation).
+            use_cache: keep the last tokens in a local cache and return it (default: `config.use_cache`).
+            memory: the `Memory` to read and write; by default the cache's, else a new dense one.
+            last_context_length: tokens at the end kept out of memory (default: the config's).
+        """
+        _reject_unsupported(kwargs)
+        config = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, L, C)
+        if embeds.dim() != 3 or embeds.shape[1] == 0:
+            raise ValueError(f"expected a non-empty batch of sequences, got input shape {tuple(embeds.shape[:-1])}")
+        batch, length = embeds.shape[:2]
+        use_cache = config.use_cache if use_cache is None else use_cache
+        last = check_last_context_length(
+            config.last_context_length if last_context_length is None else last_context_length
+        )
+        cache = past_key_values
+        if cache is not None and not isinstance(cache, LongLlamaCache):
+            raise TypeError(f"past_key_values must be a LongLlamaCache returned by this model, got {type(cache).__name__}")
+        if cache is not None and not use_cache:
+            raise ValueError("past_key_values was given with use_cache=False; pass use_cache=True to continue a cache")
+        memory = _resolve_memory(memory, cache, config)
+        memory.check_batch(batch)
+        valid = _padding_flags(attention_mask, batch, length, cache, embeds.device)
+        positions = _positions(position_ids, batch, length, cache, embeds.device)
+        if use_cache and cache is None:
+            cache = LongLlamaCache(memory, config.num_hidden_layers)
+
+        window = config.max_position_embeddings
+        to_memory = max(length - last, 0)
+        chunks = [(s, min(s + window, to_memory)) for s in range(0, to_memory, window)] + [(to_memory, length)]
+        hidden_out = []
+        for i, (start, end) in enumerate(chunks):
+            span = slice(start, end)
+            keep_in_cache = use_cache and i == len(chunks) - 1
+            # The local cache holds at most one window: when this chunk would not fit (or goes straight
+            # to memory), the whole cache moves to memory first.
+            if cache is not None and len(cache) and (not keep_in_cache or len(cache) + end - start > window):
+                self._write_memory(memory, [cache.layer(j)[:2] for j in range(len(self.layers))], cache.valid)
+                cache.clear()
+            past = cache if keep_in_cache else None
+            hidden, new_kv = self._forward_chunk(embeds[:, span], positions[:, span], valid[:, span], past, memory)
+            if keep_in_cache:
+                cache.append(new_kv, positions[:, span], valid[:, span])
+            else:
+                self._write_memory(memory, new_kv, valid[:, span])
+            hidden_out.append(hidden)
+        if cache is not None:
+            cache.seen_tokens += length
+        return BaseModelOutputWithPast(
+            last_hidden_state=torch.cat(hidden_out, dim=1), past_key_values=cache if use_cache else None
+        )
+
+    def _forward_chunk(self, embeds, positions, valid, cache, memory) -> tuple[torch.Tensor, list[KeyValue]]:
+        """One chunk through every layer; returns final hidden states and each layer's new (k, v)."""
+        hidden, new_kv = embeds, []
+        for idx, layer in enumerate(self.layers):
+            past = cache.layer(idx) if cache is not None else None
+            hidden, kv = layer(hidden, positions, valid, past, memory)
+            new_kv.append(kv)
+        return self.norm(hidden), new_kv
+
+    def _write_memory(self, memory: Memory, new_kv: list[KeyValue], valid: torch.Tensor) -> None:
+        for layer in memory.layers:
+            keys, values = new_kv[layer]
+            memory.add(layer, keys, values, valid)
+
+
+class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
+    """LongLLaMA with its language-modelling head; `generate` keeps one memory across all steps."""
+
+    def __init__(self, config: LongLlamaConfig):
+        super().__init__(config)
+        self.model = LongLlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # The model builds its own LongLlamaCache (local window + memory) on the first call.
+        return False
+
+    def _get_stopping_criteria(self, *args, **kwargs):
+        # max_position_embeddings is the window, not a length limit: no "exceeded maximum length" warning.
+        criteria = super()._get_stopping_criteria(*args, **kwargs)
+        for criterion in criteria:
+            if isinstance(criterion, MaxLengthCriteria):
+                criterion.max_position_embeddings = None
+        return criteria
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: LongLlamaCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        memory: Memory | None = None,
+        last_context_length: int | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """As `LongLlamaModel.forward`, plus `labels` (B, L) for the shifted cross-entropy (-100 ignored)
+        and `logits_to_keep` (compute logits of the last N tokens only; 0 = all)."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            memory=memory,
+            last_context_length=last_context_length,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        loss = None
+        if labels is not None:
+            if labels.shape != hidden.shape[:2]:
+                raise ValueError(f"labels must have shape {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
+            if logits_to_keep:
+                raise ValueError("labels need the logits of every token; do not combine them with logits_to_keep")
+            loss = nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1).to(logits.device)
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+
+def _reject_unsupported(kwargs: dict) -> None:
+    for flag in ("output_attentions", "output_hidden_states"):
+        if kwargs.pop(flag, None):
+            raise ValueError(f"{flag}=True is not supported by LongLLaMA, which processes long inputs window by window")
+    kwargs.pop("return_dict", None)
+    if kwargs:
+        raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+
+
+def _resolve_memory(memory: Memory | None, cache: LongLlamaCache | None, config: LongLlamaConfig) -> Memory:
+    if cache is not None:
+        if memory is not None and memory is not cache.memory:
+            raise ValueError("memory differs from the memory of past_key_values; pass the same Memory on every step")
+        return cache.memory
+    if memory is None:
+        return Memory.create(config)
+    if not isinstance(memory, Memory):
+        raise TypeError(f"memory must be a knnmem.Memory, got {type(memory).__name__}")
+    memory.check_compatible(config)
+    return memory
+
+
+def _padding_flags(attention_mask, batch: int, length: int, cache: LongLlamaCache | None, device) -> torch.Tensor:
+    """(B, L) bool: False for padding tokens of the new input."""
+    if attention_mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    seen = cache.seen_tokens if cache is not None else 0
+    allowed = {(batch, length), (batch, seen + length)}
+    if attention_mask.dim() != 2 or tuple(attention_mask.shape) not in allowed:
+        raise ValueError(
+            f"attention_mask must have shape {sorted(allowed)} (batch, new tokens or all tokens so far), "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    return attention_mask[:, -length:].to(device).bool()
+
+
+def _positions(position_ids, batch: int, length: int, cache: LongLlamaCache | None, device) -> torch.Tensor:
+    """(B, L) absolute positions, continuing after the cache's last token unless given."""
+    if position_ids is None:
+        start = torch.zeros(batch, dtype=torch.long, device=device)
+        if cache is not None and cache.next_position is not None:
+            start = cache.next_position
+        return start[:, None] + torch.arange(length, device=device)
+    if position_ids.dim() != 2 or position_ids.shape[-1] != length or position_ids.shape[0] not in (1, batch):
+        raise ValueError(f"position_ids must have shape ({batch}, {length}), got {tuple(position_ids.shape)}")
+    return position_ids.to(device).long().expand(batch, length)
