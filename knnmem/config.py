@@ -55,14 +55,17 @@ class LongLlamaConfig(PretrainedConfig):
     gradient_checkpoint_every_ith: int = 1
 
     def __post_init__(self, **kwargs):
-        self.mem_layers = [int(i) for i in self.mem_layers]
-        if self.mem_attention_grouping is not None:
-            self.mem_attention_grouping = [int(i) for i in self.mem_attention_grouping]
         super().__post_init__(**kwargs)
         self.validate_memory()
 
     def validate_memory(self) -> None:
-        """Raise `ValueError` naming the first field that LongLLaMA cannot run with."""
+        """Normalise the memory fields; raise `ValueError` naming the first one LongLLaMA cannot run with.
+
+        Models call this again on construction, since `from_pretrained` overrides fields after `__init__`.
+        """
+        self.mem_layers = [int(i) for i in self.mem_layers]
+        if self.mem_attention_grouping is not None:
+            self.mem_attention_grouping = [int(i) for i in self.mem_attention_grouping]
         if self.rope_scaling is not None:
             raise ValueError(
                 f"rope_scaling={self.rope_scaling!r} is not supported: LongLLaMA uses plain rotary embeddings; "

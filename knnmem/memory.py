@@ -67,14 +67,21 @@ class DenseMemory:
         return self._size
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
+        keys, values = keys.to(self.dtype), values.to(self.dtype)
         batch, _, count, _ = keys.shape
-        needed = self._size + count
-        if self._keys is None or needed > self._keys.shape[2]:
-            self._grow(batch, max(needed, 2 * self._size), keys.device)
         end = self._size + count
-        self._keys[:, :, self._size : end] = keys.to(self.dtype)
-        self._values[:, :, self._size : end] = values.to(self.dtype)
-        self._valid[:, self._size : end] = valid
+        if keys.requires_grad or values.requires_grad:
+            # Training through memory: append out of place so autograd keeps every stored window.
+            n = self._size
+            self._keys = keys if not n else torch.cat([self._keys[:, :, :n], keys], dim=2)
+            self._values = values if not n else torch.cat([self._values[:, :, :n], values], dim=2)
+            self._valid = valid if not n else torch.cat([self._valid[:, :n], valid], dim=1)
+        else:
+            if self._keys is None or end > self._keys.shape[2]:
+                self._grow(batch, max(end, 2 * self._size), keys.device)
+            self._keys[:, :, self._size : end] = keys
+            self._values[:, :, self._size : end] = values
+            self._valid[:, self._size : end] = valid
         self._size = end
 
     def _grow(self, batch: int, capacity: int, device: torch.device) -> None:

@@ -144,6 +144,10 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["LongLlamaDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
 
+    def __init__(self, config: LongLlamaConfig, *args, **kwargs):
+        config.validate_memory()
+        super().__init__(config, *args, **kwargs)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """`PreTrainedModel.from_pretrained` that refuses checkpoints whose tensors do not match the config.
@@ -152,6 +156,8 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
             ValueError: naming the missing, unexpected or wrongly shaped tensors.
         """
         return_info = kwargs.pop("output_loading_info", False)
+        # Mismatched shapes are collected (not raised by transformers) so the error below can name them.
+        kwargs.setdefault("ignore_mismatched_sizes", True)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         problems = [
             f"{label}: {sorted(map(str, info[key]))}"
