@@ -159,14 +159,16 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
         # Mismatched shapes are collected (not raised by transformers) so the error below can name them.
         kwargs.setdefault("ignore_mismatched_sizes", True)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        mismatched = [f"{name} {tuple(ckpt)} in the checkpoint, {tuple(cfg)} in the config"
+                      for name, ckpt, cfg in sorted(info.get("mismatched_keys") or ())]
         problems = [
-            f"{label}: {sorted(map(str, info[key]))}"
-            for key, label in (
-                ("missing_keys", "missing tensors"),
-                ("mismatched_keys", "tensors with mismatched shapes"),
-                ("unexpected_keys", "unexpected tensors"),
+            f"{label}: {entries}"
+            for label, entries in (
+                ("missing tensors", sorted(info.get("missing_keys") or ())),
+                ("tensors with mismatched shapes", mismatched),
+                ("unexpected tensors", sorted(info.get("unexpected_keys") or ())),
             )
-            if info.get(key)
+            if entries
         ]
         if problems:
             raise ValueError(
