@@ -4,7 +4,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .cache import LongLlamaCache
 from .config import LongLlamaConfig
-from .memory import BACKENDS, DenseMemory, Memory, MemoryHits
+from .backends import DenseMemory, MemoryHits, TorchTopKMemory
+from .faiss_memory import FaissMemory
+from .memory import BACKENDS, Memory
 from .modeling import LongLlamaForCausalLM, LongLlamaModel
 
 __version__ = "0.1.0"
@@ -16,10 +18,12 @@ AutoModelForCausalLM.register(LongLlamaConfig, LongLlamaForCausalLM, exist_ok=Tr
 __all__ = [
     "BACKENDS",
     "DenseMemory",
+    "FaissMemory",
     "LongLlamaCache",
     "LongLlamaConfig",
     "LongLlamaForCausalLM",
     "LongLlamaModel",
     "Memory",
     "MemoryHits",
+    "TorchTopKMemory",
 ]

@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .memory import MemoryHits
+from .backends import MemoryHits
 
 
 def rotary_inv_freq(head_dim: int, theta: float) -> torch.Tensor:

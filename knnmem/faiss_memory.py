@@ -1,0 +1,168 @@
+"""Faiss-backed memory of one layer: one inner-product index per (batch row, head) over stored keys.
+
+Index specs are Faiss factory strings ("Flat", "HNSW32", "IVF1024,Flat", "IVF1024,PQ16", ...) built
+with METRIC_INNER_PRODUCT, so retrieval ranks entries by q·k, the attention score before scaling.
+Indexes that need training (IVF, PQ) are trained once a row holds `train_size` valid entries; until
+then that row is searched exactly. Index ids are the entry ids of the layer's `EntryBuffer`.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import faiss
+import numpy as np
+import torch
+
+from .backends import MemoryHits, exact_top_k
+from .buffer import EntryBuffer
+
+_POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="knnmem-faiss")
+
+
+def new_index(spec: str, head_dim: int) -> faiss.Index:
+    """An empty inner-product index for `spec`; `ValueError` if Faiss cannot build it."""
+    try:
+        return faiss.index_factory(head_dim, spec, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[-1]
+        raise ValueError(f"invalid Faiss index spec {spec!r} for dimension {head_dim}: {first_line}") from None
+
+
+def default_train_size(index: faiss.Index, spec: str) -> int:
+    """Entries needed before training: Faiss's recommended 39 points per centroid (IVF and PQ codebooks)."""
+    if index.is_trained:
+        return 0
+    ivf = faiss.try_extract_index_ivf(index)
+    centroids = max(ivf.nlist if ivf is not None else 1, 256 if "PQ" in spec.upper() else 1)
+    return 39 * centroids
+
+
+@contextmanager
+def _single_threaded_faiss():
+    # Searches run in parallel across (row, head); OpenMP threads inside each search only slow them down.
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
+class FaissMemory:
+    """Top-k retrieval from Faiss indexes, one per (batch row, head).
+
+    Args:
+        spec: Faiss factory string.
+        k: entries retrieved per query and head.
+        train_size: valid entries a row needs before its indexes are trained (IVF/PQ only).
+        search_params: Faiss search parameters such as `efSearch` or `nprobe`.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        spec: str,
+        k: int,
+        train_size: int | None = None,
+        search_params: dict | None = None,
+    ):
+        self.buffer = EntryBuffer(num_heads=num_heads, head_dim=head_dim, dtype=dtype)
+        self.spec, self.k = spec, k
+        self.train_size = default_train_size(new_index(spec, head_dim), spec) if train_size is None else train_size
+        self._rows: list[list[faiss.Index]] = []  # [row][head], each wrapped in IndexIDMap2
+        self.search_params: dict = {}
+        self.set_search_params(**(search_params or {}))  # validates names before any entry arrives
+
+    def __len__(self) -> int:
+        return len(self.buffer)
+
+    def reset(self) -> None:
+        self.buffer.reset()
+        self._rows = []
+
+    def _new_row(self) -> list[faiss.Index]:
+        row = []
+        for _ in range(self.buffer.num_heads):
+            inner = new_index(self.spec, self.buffer.head_dim)
+            _apply_params(inner, self.search_params)
+            row.append(faiss.IndexIDMap2(inner))  # the wrapper keeps a reference to `inner`
+        return row
+
+    def set_search_params(self, **params) -> None:
+        """Set Faiss search parameters (e.g. `efSearch=128`, `nprobe=64`) on every index."""
+        _apply_params(new_index(self.spec, self.buffer.head_dim), params)  # raises on unknown names
+        self.search_params.update(params)
+        for row in self._rows:
+            for index in row:
+                _apply_params(faiss.downcast_index(index.index), params)
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
+        ids = self.buffer.add(keys, values, valid)
+        while len(self._rows) < keys.shape[0]:
+            self._rows.append(self._new_row())
+        keys32 = keys.detach().float().cpu()
+        for b, row in enumerate(self._rows):
+            if not row[0].is_trained:
+                self._maybe_train(b)  # trains on (and inserts) everything stored so far
+                continue
+            sel = valid[b].cpu().bool()
+            row_ids = np.arange(ids.start, ids.stop, dtype=np.int64)[sel.numpy()]
+            for h, index in enumerate(row):
+                index.add_with_ids(np.ascontiguousarray(keys32[b, h, sel].numpy()), row_ids)
+
+    def _maybe_train(self, b: int) -> None:
+        sel = self.buffer.valid[b].cpu()
+        if int(sel.sum()) < max(self.train_size, 1):
+            return
+        row_ids = np.flatnonzero(sel.numpy()).astype(np.int64)
+        stored = self.buffer.keys[b].detach().float().cpu()  # (H, M, D)
+        for h, index in enumerate(self._rows[b]):
+            vectors = np.ascontiguousarray(stored[h, sel].numpy())
+            index.train(vectors)
+            index.add_with_ids(vectors, row_ids)
+
+    def search(self, queries: torch.Tensor, heads: slice) -> MemoryHits:
+        batch, num_heads, num_queries, _ = queries.shape
+        k = min(self.k, len(self.buffer))
+        ids = torch.full((batch, num_heads, num_queries, k), -1, dtype=torch.long)
+        queries32 = queries.detach().float().cpu()
+        head_ids = range(heads.start or 0, (heads.start or 0) + num_heads)
+
+        def search_one(task):
+            b, j = task
+            index = self._rows[b][head_ids[j]]
+            found = index.search(np.ascontiguousarray(queries32[b, j].numpy()), k)[1]
+            ids[b, j] = torch.from_numpy(found)
+
+        trained = [b for b in range(batch) if self._rows[b][0].is_trained]
+        tasks = [(b, j) for b in trained for j in range(num_heads)]
+        with _single_threaded_faiss():
+            list(_POOL.map(search_one, tasks))
+        for b in set(range(batch)) - set(trained):  # not trained yet: exact search
+            ids[b : b + 1] = exact_top_k(
+                queries[b : b + 1], self.buffer.keys[b : b + 1, heads], self.buffer.valid[b : b + 1], k
+            ).cpu()
+        return MemoryHits(*self.buffer.gather(heads, ids.to(queries.device)))
+
+    def reorder_rows(self, index: torch.Tensor) -> None:
+        self.buffer.reorder_rows(index)
+        self._rows = [_clone_row(self._rows[i]) for i in index.tolist()]
+
+
+def _apply_params(index: faiss.Index, params: dict) -> None:
+    space = faiss.ParameterSpace()
+    for name, value in params.items():
+        try:
+            space.set_index_parameter(index, name, value)
+        except RuntimeError:
+            raise ValueError(f"search parameter {name!r} does not apply to index {type(index).__name__}") from None
+
+
+def _clone_row(row: list[faiss.Index]) -> list[faiss.Index]:
+    return [faiss.clone_index(index) for index in row]
