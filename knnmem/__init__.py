@@ -8,6 +8,7 @@ from .backends import DenseMemory, MemoryHits, TorchTopKMemory
 from .faiss_memory import FaissMemory
 from .memory import BACKENDS, Memory
 from .modeling import LongLlamaForCausalLM, LongLlamaModel
+from .quality import ProbedMemory, RetrievalQuality, retrieval_quality
 
 __version__ = "0.1.0"
 
@@ -25,5 +26,8 @@ __all__ = [
     "LongLlamaModel",
     "Memory",
     "MemoryHits",
+    "ProbedMemory",
+    "RetrievalQuality",
     "TorchTopKMemory",
+    "retrieval_quality",
 ]

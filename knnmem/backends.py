@@ -16,14 +16,16 @@ from .buffer import EntryBuffer
 class MemoryHits(NamedTuple):
     """Memory entries retrieved for a block of queries.
 
-    Either shared by all queries (dense): keys/values (B, H, M, D), valid (B, M);
-    or retrieved per query (top-k): keys/values (B, H, T, K, D), valid (B, H, T, K).
-    Keys are stored as if at position 0; `valid` is False for entries that must get no attention.
+    Either shared by all queries (dense): keys/values (B, H, M, D), valid (B, M), ids None (all);
+    or retrieved per query (top-k): keys/values (B, H, T, K, D), valid and ids (B, H, T, K).
+    Keys are stored as if at position 0; `valid` is False for entries that must get no attention;
+    ids index the layer's `EntryBuffer`.
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     valid: torch.Tensor
+    ids: torch.Tensor | None = None
 
 
 class LayerMemory(Protocol):
@@ -105,7 +107,7 @@ class TorchTopKMemory:
 
     def search(self, queries: torch.Tensor, heads: slice) -> MemoryHits:
         ids = exact_top_k(queries, self.buffer.keys[:, heads], self.buffer.valid, self.k)
-        return MemoryHits(*self.buffer.gather(heads, ids))
+        return MemoryHits(*self.buffer.gather(heads, ids), ids=ids)
 
     def reset(self) -> None:
         self.buffer.reset()

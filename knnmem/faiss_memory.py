@@ -148,7 +148,8 @@ class FaissMemory:
             ids[b : b + 1] = exact_top_k(
                 queries[b : b + 1], self.buffer.keys[b : b + 1, heads], self.buffer.valid[b : b + 1], k
             ).cpu()
-        return MemoryHits(*self.buffer.gather(heads, ids.to(queries.device)))
+        ids = ids.to(queries.device)
+        return MemoryHits(*self.buffer.gather(heads, ids), ids=ids)
 
     def reorder_rows(self, index: torch.Tensor) -> None:
         self.buffer.reorder_rows(index)

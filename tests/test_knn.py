@@ -1,0 +1,156 @@
+import faiss
+import pytest
+import torch
+from torch.testing import assert_close
+
+import knnmem
+from knnmem.backends import exact_top_k
+
+# Every top-k backend, with options under which it must be exact once k covers the memory.
+EXACT_WHEN_K_COVERS = [
+    ("torch", {}),
+    ("Flat", {}),
+    ("HNSW32", {}),
+    ("IVF4,Flat", dict(train_size=20, nprobe=4)),  # trained mid-stream, all lists probed
+    ("IVF2,PQ4x4", dict(train_size=30, nprobe=2)),  # PQ ranks approximately, but every entry is retrieved
+]
+
+
+def forward(model, ids, memory=None, **kwargs):
+    with torch.no_grad():
+        return model(ids, memory=memory, use_cache=False, **kwargs).logits
+
+
+@pytest.mark.parametrize("index, options", EXACT_WHEN_K_COVERS)
+def test_top_k_covering_memory_equals_dense(make_model, index, options):
+    model = make_model()
+    torch.manual_seed(2)
+    ids = torch.randint(1, 96, (2, 60))
+    mask = torch.ones_like(ids)
+    mask[0, :11] = 0
+    dense = forward(model, ids, attention_mask=mask)
+    memory = knnmem.Memory.create(model, index=index, k=64, **options)
+    got = forward(model, ids, memory, attention_mask=mask)
+    assert len(memory) == 60
+    assert_close(got[mask.bool()], dense[mask.bool()], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("index, options", EXACT_WHEN_K_COVERS)
+def test_top_k_covering_memory_equals_dense_in_generation(make_model, index, options):
+    model = make_model(max_position_embeddings=8, last_context_length=6)
+    torch.manual_seed(5)
+    prompt = torch.randint(1, 96, (1, 40))
+    kwargs = dict(max_new_tokens=20, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    dense = model.generate(prompt, **kwargs)
+    memory = knnmem.Memory.create(model, index=index, k=64, **options)
+    knn = model.generate(prompt, memory=memory, **kwargs)
+    assert torch.equal(knn.sequences, dense.sequences)
+    assert_close(torch.stack(knn.scores), torch.stack(dense.scores), rtol=1e-5, atol=1e-5)
+    assert len(memory) > 40  # the local cache overflowed into memory during generation
+
+
+def test_small_k_approximates_and_changes_results(make_model, ids):
+    model = make_model()
+    dense = forward(model, ids)
+    top2 = forward(model, ids, knnmem.Memory.create(model, index="torch", k=2))
+    top16 = forward(model, ids, knnmem.Memory.create(model, index="torch", k=16))
+    error2, error16 = (top2 - dense).abs().max(), (top16 - dense).abs().max()
+    assert error2 > 1e-3 and error16 < error2
+
+
+def unit_keys(batch, heads, count, dim, seed):
+    torch.manual_seed(seed)
+    keys = torch.nn.functional.normalize(torch.randn(batch, heads, count, dim), dim=-1)
+    return keys
+
+
+@pytest.mark.parametrize("index, options", [("torch", {}), ("Flat", {}), ("HNSW32", {}), ("IVF4,Flat", dict(train_size=100, nprobe=4))])
+def test_searching_a_stored_key_returns_its_own_id_and_value(index, options):
+    memory = knnmem.Memory(layers=[0], num_heads=2, head_dim=16, dtype=torch.float32, index=index, k=3, **options)
+    for chunk in range(4):  # IVF trains between the 2nd and 3rd chunk; ids must survive it
+        keys = unit_keys(2, 2, 40, 16, seed=chunk)
+        ids = torch.arange(chunk * 40, chunk * 40 + 40, dtype=torch.float32)
+        values = ids[None, None, :, None].expand(2, 2, 40, 16)  # value = its own id
+        valid = torch.ones(2, 40, dtype=torch.bool)
+        valid[1, ::5] = False
+        memory.add(0, keys, values, valid)
+    stored = memory.layer(0).buffer
+    hits = memory.search(0, stored.keys, slice(0, 2))  # (B, H, M, K)
+    expected = torch.arange(160).expand(2, 2, 160)
+    row0_ok = hits.ids[0, :, :, 0] == expected[0]
+    assert row0_ok.all()
+    kept = stored.valid[1]
+    assert (hits.ids[1, :, kept, 0] == expected[1][:, kept]).all()
+    assert not torch.isin(hits.ids[1][hits.valid[1]], torch.arange(0, 160, 5)).any()  # padding never inserted
+    assert torch.equal(hits.values[..., 0][hits.valid], hits.ids[hits.valid].float())
+
+
+def test_masked_entries_are_never_inserted_in_faiss():
+    memory = knnmem.Memory(layers=[3], num_heads=2, head_dim=8, dtype=torch.float32, index="Flat", k=4)
+    valid = torch.tensor([[True, False, True, True], [False, False, True, True]])
+    memory.add(3, torch.randn(2, 2, 4, 8), torch.randn(2, 2, 4, 8), valid)
+    rows = memory.layer(3)._rows
+    assert [rows[b][h].ntotal for b in range(2) for h in range(2)] == [3, 3, 2, 2]
+
+
+def test_exact_top_k_matches_sort_across_blocks():
+    torch.manual_seed(0)
+    queries, keys = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 300, 8)
+    valid = torch.rand(1, 300) > 0.2
+    ids = exact_top_k(queries, keys, valid, k=10, block=64)
+    scores = (queries @ keys.transpose(-1, -2)).masked_fill(~valid[:, None, None], float("-inf"))
+    assert torch.equal(ids.sort(-1).values, scores.topk(10, dim=-1).indices.sort(-1).values)
+
+
+def test_search_knobs_and_k_are_settable(make_model, ids):
+    model = make_model()
+    memory = knnmem.Memory.create(model, index="HNSW32", k=64, efSearch=8)
+    forward(model, ids, memory)
+    memory.set_search_params(efSearch=64)
+    assert faiss.downcast_index(memory.layer(1)._rows[0][0].index).hnsw.efSearch == 64
+    query = ids[:, :4]
+
+    def read_only():  # the query stays in a local cache, so memory is not written
+        with torch.no_grad():
+            return model(query, memory=memory, use_cache=True).logits
+
+    covering = read_only()
+    memory.k = 2
+    assert (read_only() - covering).abs().max() > 1e-3
+    memory.k = 64
+    assert_close(read_only(), covering)
+
+
+def test_retrieval_quality_on_real_queries(make_model):
+    model = make_model(max_position_embeddings=16, last_context_length=4)
+    torch.manual_seed(7)
+    ids = torch.randint(1, 96, (1, 300))
+    exact = knnmem.retrieval_quality(model, ids, index="torch", k=4)
+    assert exact.recall == 1.0 and 0 < exact.mass_captured < 1 and exact.queries > 0
+    one_list = knnmem.retrieval_quality(model, ids, index="IVF8,Flat", k=4, train_size=60, nprobe=1)
+    all_lists = knnmem.retrieval_quality(model, ids, index="IVF8,Flat", k=4, train_size=60, nprobe=8)
+    assert one_list.recall < 0.9 < all_lists.recall
+    assert one_list.mass_captured < all_lists.mass_captured <= exact.mass_captured + 1e-6
+    assert knnmem.retrieval_quality(model, ids, index="dense").mass_captured == 1.0
+
+
+def test_beam_search_with_faiss_memory_runs(make_model):
+    model = make_model()
+    prompt = torch.randint(1, 96, (1, 30))
+    out = model.generate(prompt, max_new_tokens=6, num_beams=2, do_sample=False,
+                         memory=knnmem.Memory.create(model, index="HNSW32", k=4))
+    assert out.shape == (1, 36)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(index="NoSuchIndex"), "invalid Faiss index spec 'NoSuchIndex'"),
+        (dict(index="HNSW32", nprobe=3), "search parameter 'nprobe' does not apply"),
+        (dict(index="dense", efSearch=3), "takes no Faiss parameters"),
+        (dict(index="Flat", k=0), "k must be a positive integer"),
+    ],
+)
+def test_bad_memory_options(make_model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        knnmem.Memory.create(make_model(), **kwargs)
