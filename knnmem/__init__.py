@@ -6,6 +6,7 @@ from .cache import LongLlamaCache
 from .config import LongLlamaConfig
 from .backends import DenseMemory, MemoryHits, TorchTopKMemory
 from .faiss_memory import FaissMemory
+from .ingest import encode_documents
 from .memory import BACKENDS, Memory
 from .modeling import LongLlamaForCausalLM, LongLlamaModel
 from .quality import ProbedMemory, RetrievalQuality, retrieval_quality
@@ -29,5 +30,6 @@ __all__ = [
     "ProbedMemory",
     "RetrievalQuality",
     "TorchTopKMemory",
+    "encode_documents",
     "retrieval_quality",
 ]

@@ -103,14 +103,20 @@ def attend(
     mem_keys = hits.keys.to(queries.dtype)
     mem_values = hits.values.to(values.dtype)
     if shared:
-        mem_scores = torch.matmul(queries, mem_keys.transpose(-1, -2)) / scale  # (B, H, T, M)
+        mem_scores = torch.matmul(queries, mem_keys.transpose(-1, -2)).div_(scale)  # (B, H, T, M)
         mem_valid = hits.valid[:, None, None, :]
     else:
-        mem_scores = torch.einsum("bhtd,bhtkd->bhtk", queries, mem_keys) / scale  # (B, H, T, K)
+        mem_scores = torch.einsum("bhtd,bhtkd->bhtk", queries, mem_keys).div_(scale)  # (B, H, T, K)
         mem_valid = hits.valid
-    mem_scores = _masked_scores(mem_scores, mem_valid.expand_as(mem_scores))
-    probs = torch.softmax(torch.cat([scores, mem_scores], dim=-1), dim=-1, dtype=torch.float32).to(queries.dtype)
-    local_probs, mem_probs = probs.split([scores.shape[-1], mem_scores.shape[-1]], dim=-1)
+    if not bool(mem_valid.all()):
+        mem_scores.masked_fill_(~mem_valid, min_score(mem_scores.dtype))
+    # One softmax over [local, memory] without concatenating the (T x M) score matrix: shared max,
+    # exponentials in place, one normaliser.
+    scores, mem_scores = scores.float(), mem_scores.float()
+    peak = torch.maximum(scores.amax(-1, keepdim=True), mem_scores.amax(-1, keepdim=True))
+    local_probs, mem_probs = (scores - peak).exp_(), (mem_scores - peak).exp_()
+    norm = local_probs.sum(-1, keepdim=True) + mem_probs.sum(-1, keepdim=True)
+    local_probs, mem_probs = (local_probs / norm).to(queries.dtype), (mem_probs / norm).to(queries.dtype)
     out = torch.matmul(local_probs, values)
     if shared:
         return out + torch.matmul(mem_probs, mem_values)

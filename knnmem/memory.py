@@ -133,6 +133,20 @@ class Memory:
         self.batch_size = keys.shape[0]
         self._backends[layer].add(keys, values, valid.bool())
 
+    def extend(self, other: "Memory", *, chunk: int = 1 << 20) -> "Memory":
+        """Append every entry of `other` (same layers and geometry), e.g. to re-index it under another spec."""
+        if (other.layers, other.num_heads, other.head_dim) != (self.layers, self.num_heads, self.head_dim):
+            raise ValueError(
+                f"cannot extend a memory of (layers, heads, head_dim) = {(self.layers, self.num_heads, self.head_dim)}"
+                f" with one of {(other.layers, other.num_heads, other.head_dim)}"
+            )
+        for layer in self.layers:
+            buffer = other.layer(layer).buffer
+            for start in range(0, len(buffer), chunk):
+                end = start + chunk
+                self.add(layer, buffer.keys[:, :, start:end], buffer.values[:, :, start:end], buffer.valid[:, start:end])
+        return self
+
     def search(self, layer: int, queries: torch.Tensor, heads: slice) -> MemoryHits | None:
         """Entries of `layer` for queries (B, h, T, D) of heads `heads`; None while the memory is empty."""
         backend = self._backends[layer]

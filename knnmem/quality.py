@@ -33,11 +33,14 @@ class ProbedMemory(Memory):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
+        self.probing = True  # switch off to time the index without the exact search beside it
         self._recall_sum = self._mass_sum = 0.0
         self._queries = 0
 
     def search(self, layer: int, queries: torch.Tensor, heads: slice) -> MemoryHits | None:
         hits = super().search(layer, queries, heads)
+        if not self.probing:
+            return hits
         if hits is None or hits.ids is None:  # dense: retrieval is exact by construction
             if hits is not None:
                 self._count(torch.ones(queries.shape[:3]), torch.ones(queries.shape[:3]))
@@ -49,9 +52,10 @@ class ProbedMemory(Memory):
         exact_valid = valid.gather(1, exact.flatten(1)).view_as(exact)  # top-k may include padding
         overlap = (exact[..., :, None] == retrieved[..., None, :]).any(-1) & exact_valid  # (B, h, T, k')
         recall = overlap.sum(-1) / exact_valid.sum(-1).clamp_min(1)
-        scores = torch.matmul(queries.float(), keys.float().transpose(-1, -2)) / math.sqrt(queries.shape[-1])
-        probs = torch.softmax(scores.masked_fill(~valid[:, None, None], float("-inf")), dim=-1)  # (B, h, T, M)
-        mass = (probs.gather(-1, hits.ids.clamp_min(0)) * hits.valid).sum(-1)
+        scale = math.sqrt(queries.shape[-1])
+        log_norm = _memory_logsumexp(queries.float(), keys, valid, scale)  # (B, h, T)
+        retrieved_scores = torch.einsum("bhtd,bhtkd->bhtk", queries.float(), hits.keys.float()) / scale
+        mass = (torch.exp(retrieved_scores - log_norm[..., None]) * hits.valid).sum(-1)
         self._count(recall, mass)
         return hits
 
@@ -63,6 +67,17 @@ class ProbedMemory(Memory):
     def quality(self) -> RetrievalQuality:
         n = max(self._queries, 1)
         return RetrievalQuality(self.index, self.k, self._recall_sum / n, self._mass_sum / n, self._queries)
+
+
+def _memory_logsumexp(queries, keys, valid, scale: float, block: int = 65536) -> torch.Tensor:
+    """log Σ exp(q·k/scale) over the valid entries, computed over blocks of keys."""
+    total = None
+    for start in range(0, keys.shape[2], block):
+        scores = torch.matmul(queries, keys[:, :, start : start + block].float().transpose(-1, -2)) / scale
+        scores = scores.masked_fill(~valid[:, None, None, start : start + block], float("-inf"))
+        part = torch.logsumexp(scores, dim=-1)
+        total = part if total is None else torch.logaddexp(total, part)
+    return total
 
 
 @torch.no_grad()
