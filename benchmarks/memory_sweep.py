@@ -24,26 +24,23 @@ import torch
 import knnmem
 from knnmem.quality import ProbedMemory
 
-DEFAULT_SPECS = [
-    "dense",
-    "torch",
-    "Flat",
-    "HNSW32:efSearch=16",
-    "HNSW32:efSearch=64",
-    "HNSW32:efSearch=256",
-    "IVF1024,Flat:nprobe=8",
-    "IVF1024,Flat:nprobe=32",
-    "IVF1024,Flat:nprobe=128",
-    "IVF1024,PQ16:nprobe=32",
-]
+# index spec -> search-parameter settings measured on the one built index
+DEFAULT_SPECS = {
+    "dense": [{}],
+    "torch": [{}],
+    "Flat": [{}],
+    "HNSW32": [dict(efSearch=16), dict(efSearch=64), dict(efSearch=256)],
+    "IVF1024,Flat": [dict(nprobe=8), dict(nprobe=32), dict(nprobe=128)],
+    "IVF1024,PQ16x4fs": [dict(nprobe=32)],
+}
 
 
 def demo_model(seed: int = 0) -> knnmem.LongLlamaForCausalLM:
-    """A small LongLLaMA with random weights (std 0.1, so attention is far from uniform)."""
+    """A small LongLLaMA with random weights (std 0.1, so attention is far from uniform), fused attention."""
     config = knnmem.LongLlamaConfig(
         vocab_size=260, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
         max_position_embeddings=256, last_context_length=256, mem_layers=[1, 2], mem_dtype="bfloat16",
-        initializer_range=0.1,
+        initializer_range=0.1, torch_attention=True,  # the fused kernel is dense memory's fastest path
     )
     torch.manual_seed(seed)
     return knnmem.LongLlamaForCausalLM(config).eval()
@@ -64,13 +61,18 @@ def stdlib_documents(total_tokens: int, doc_tokens: int = 4096) -> list[list[int
     raise ValueError(f"the standard library holds fewer than {total_tokens} tokens")
 
 
-def parse_spec(text: str) -> tuple[str, dict]:
+def parse_spec(text: str) -> tuple[str, list[dict]]:
+    """"SPEC" or "SPEC:name=v,name=v;name=v" (settings separated by ';') -> (spec, settings)."""
     spec, _, params = text.partition(":")
-    options = {}
-    for item in filter(None, params.split(",")):
-        name, _, value = item.partition("=")
-        options[name] = int(value)
-    return spec, options
+    settings = []
+    for setting in params.split(";"):
+        pairs = (item.partition("=") for item in filter(None, setting.split(",")))
+        settings.append({name: int(value) for name, _, value in pairs})
+    return spec, settings
+
+
+def label(spec: str, params: dict) -> str:
+    return spec + "".join(f" {name}={value}" for name, value in params.items())
 
 
 def memory_bytes(memory: knnmem.Memory) -> int:
@@ -92,17 +94,12 @@ def rss_bytes() -> int:
 
 
 @torch.no_grad()
-def measure(model, source: knnmem.Memory, spec_text: str, k: int, prompt: torch.Tensor, decode_steps: int) -> dict:
-    spec, options = parse_spec(spec_text)
-    rss_before = rss_bytes()
-    start = time.perf_counter()
-    memory = ProbedMemory.create(model, index=spec, **({} if spec == "dense" else dict(k=k)), **options)
-    memory.extend(source)
-    build_s = time.perf_counter() - start
-    rss_after = rss_bytes()
-
-    # Prompt window: recall and mass on its real queries (probe on), then timed without the probe.
-    model(input_ids=prompt, memory=memory, use_cache=True)
+def measure(model, memory: ProbedMemory, params: dict, prompt: torch.Tensor, decode_steps: int) -> dict:
+    """Quality, prefill and decode of one operating point; `memory` is read, never written."""
+    if params:
+        memory.set_search_params(**params)
+    memory.reset_quality()
+    model(input_ids=prompt, memory=memory, use_cache=True)  # the prompt stays in the local cache
     quality = memory.quality()
     memory.probing = False
     timings = []
@@ -110,24 +107,24 @@ def measure(model, source: knnmem.Memory, spec_text: str, k: int, prompt: torch.
         start = time.perf_counter()
         out = model(input_ids=prompt, memory=memory, use_cache=True)
         timings.append(time.perf_counter() - start)
-    prefill_tok_s = prompt.shape[1] / min(timings)
-
-    # Decode: one token at a time through the local cache (it holds the prompt; memory is read-only).
-    cache = out.past_key_values
-    token = out.logits[:, -1:].argmax(-1)
-    steps = []
+    cache, token, steps = out.past_key_values, out.logits[:, -1:].argmax(-1), []
     for _ in range(decode_steps):
         start = time.perf_counter()
         out = model(input_ids=token, past_key_values=cache, use_cache=True)
         steps.append(time.perf_counter() - start)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    steps.sort()
     return dict(
-        index=spec_text, memory_tokens=len(source), k=None if spec == "dense" else k,
-        decode_ms=1000 * steps[len(steps) // 2], prefill_tok_s=prefill_tok_s,
-        recall=quality.recall, mass=quality.mass_captured,
-        bytes_per_token=memory_bytes(memory) / len(source), rss_gb=(rss_after - rss_before) / 2**30, build_s=build_s,
+        index=label(memory.index, params), memory_tokens=len(memory), k=None if memory.index == "dense" else memory.k,
+        decode_ms=1000 * sorted(steps)[len(steps) // 2], prefill_tok_s=prompt.shape[1] / min(timings),
+        recall=quality.recall, mass=quality.mass_captured, bytes_per_token=memory_bytes(memory) / len(memory),
     )
+
+
+def build(model, source: knnmem.Memory, spec: str, k: int) -> tuple[ProbedMemory, dict]:
+    rss_before, start = rss_bytes(), time.perf_counter()
+    memory = ProbedMemory.create(model, index=spec, **({} if spec == "dense" else dict(k=k)))
+    memory.extend(source)
+    return memory, dict(build_s=time.perf_counter() - start, rss_gb=(rss_bytes() - rss_before) / 2**30)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -162,30 +159,38 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="65536,262144,1048576", help="memory sizes in tokens, comma-separated")
-    parser.add_argument("--index", action="append", help="index spec, SPEC[:param=value,...] (repeatable)")
+    parser.add_argument(
+        "--index", action="append", help="index spec with search settings, e.g. 'HNSW32:efSearch=16;efSearch=64' (repeatable)"
+    )
     parser.add_argument("--k", type=int, default=128)
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    specs = args.index or DEFAULT_SPECS
+    specs = dict(parse_spec(text) for text in args.index) if args.index else DEFAULT_SPECS
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "memory_sweep.json"
     rows = json.loads(results_path.read_text()) if results_path.exists() else []
     done = {(r["memory_tokens"], r["index"]) for r in rows}
     model = demo_model()
-    prompt = torch.tensor([stdlib_documents(4096 * 4, 4096)[-1][: model.config.max_position_embeddings]])
+    # The prompt leaves room in the local window for the decode steps, so nothing is written to memory.
+    prompt_length = model.config.max_position_embeddings - args.decode_steps
+    prompt = torch.tensor([stdlib_documents(4096 * 4, 4096)[-1][:prompt_length]])
     for size in (int(s) for s in args.sizes.split(",")):
-        if all((size, s) in done for s in specs):
+        todo = {spec: [p for p in settings if (size, label(spec, p)) not in done] for spec, settings in specs.items()}
+        if not any(todo.values()):
             continue
         source = knnmem.Memory.create(model)
         knnmem.encode_documents(model, stdlib_documents(size), source)
-        for spec in specs:
-            if (len(source), spec) in done:
+        for spec, settings in todo.items():
+            if not settings:
                 continue
-            rows.append(measure(model, source, spec, args.k, prompt, args.decode_steps))
-            results_path.write_text(json.dumps(rows, indent=1))  # resumable: finished points are kept
-            print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+            memory, cost = build(model, source, spec, args.k)
+            for params in settings:
+                rows.append({**measure(model, memory, params, prompt, args.decode_steps), **cost})
+                results_path.write_text(json.dumps(rows, indent=1))  # resumable: finished points are kept
+                print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+            del memory
         del source
     print(markdown(rows))
     plot(rows, args.out / "memory_sweep.png")

@@ -78,14 +78,16 @@ def attend(
         mask: (B, 1, T, S) boolean, True where a query may see a local key.
         hits: memory entries retrieved for these queries: shared by all queries (keys (B, H, M, D)) or
             per query (keys (B, H, T, K, D)); `hits.valid` marks entries that may receive attention.
-        use_sdpa: use the fused kernel where the key set is shared by all queries.
+        use_sdpa: use the fused kernel where the key set is shared by several queries.
 
     Returns:
         (B, H, T, D) attention output, in the dtype of `queries`.
     """
     scale = math.sqrt(queries.shape[-1])
     shared = hits is None or hits.keys.dim() == 4
-    if use_sdpa and shared:
+    # The fused kernel saves the (T x M) score matrix; for a single query there is none to save, and
+    # concatenating the memory to the local keys would cost more than the plain product.
+    if use_sdpa and shared and queries.shape[-2] > 1:
         if hits is not None:
             keys = torch.cat([keys, hits.keys.to(keys.dtype)], dim=-2)
             values = torch.cat([values, hits.values.to(values.dtype)], dim=-2)

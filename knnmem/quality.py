@@ -33,6 +33,10 @@ class ProbedMemory(Memory):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
+        self.reset_quality()
+
+    def reset_quality(self) -> None:
+        """Start measuring afresh (e.g. after changing search parameters)."""
         self.probing = True  # switch off to time the index without the exact search beside it
         self._recall_sum = self._mass_sum = 0.0
         self._queries = 0
