@@ -31,6 +31,7 @@ DEFAULT_SPECS = {
     "Flat": [{}],
     "HNSW32": [dict(efSearch=16), dict(efSearch=64), dict(efSearch=256)],
     "IVF1024,Flat": [dict(nprobe=8), dict(nprobe=32), dict(nprobe=128)],
+    "IVF1024,Flat+l2": [dict(nprobe=8), dict(nprobe=32), dict(nprobe=128)],
     "IVF1024,PQ16x4fs": [dict(nprobe=32)],
 }
 
@@ -114,15 +115,18 @@ def measure(model, memory: ProbedMemory, params: dict, prompt: torch.Tensor, dec
         steps.append(time.perf_counter() - start)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
     return dict(
-        index=label(memory.index, params), memory_tokens=len(memory), k=None if memory.index == "dense" else memory.k,
+        index=label(memory.index + ("+l2" if memory.l2_reduction else ""), params), memory_tokens=len(memory), k=None if memory.index == "dense" else memory.k,
         decode_ms=1000 * sorted(steps)[len(steps) // 2], prefill_tok_s=prompt.shape[1] / min(timings),
         recall=quality.recall, mass=quality.mass_captured, bytes_per_token=memory_bytes(memory) / len(memory),
     )
 
 
 def build(model, source: knnmem.Memory, spec: str, k: int) -> tuple[ProbedMemory, dict]:
+    """Re-index `source` under `spec` ("+l2" suffix: inner-product-to-L2 reduction)."""
     rss_before, start = rss_bytes(), time.perf_counter()
-    memory = ProbedMemory.create(model, index=spec, **({} if spec == "dense" else dict(k=k)))
+    index, l2 = spec.removesuffix("+l2"), spec.endswith("+l2")
+    options = {} if spec == "dense" else dict(k=k, **({"l2_reduction": True} if l2 else {}))
+    memory = ProbedMemory.create(model, index=index, **options)
     memory.extend(source)
     return memory, dict(build_s=time.perf_counter() - start, rss_gb=(rss_bytes() - rss_before) / 2**30)
 

@@ -22,9 +22,15 @@ from .buffer import EntryBuffer
 _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="knnmem-faiss")
 
 
-def new_index(spec: str, head_dim: int) -> faiss.Index:
-    """An empty inner-product index for `spec`; `ValueError` if Faiss cannot build it."""
+def new_index(spec: str, head_dim: int, l2_reduction: bool = False) -> faiss.Index:
+    """An empty index for `spec` ranking by inner product; `ValueError` if Faiss cannot build it.
+
+    With `l2_reduction`, the index is an L2 index over vectors with one extra coordinate (see
+    `FaissMemory`), whose L2 ranking equals the inner-product ranking of the original vectors.
+    """
     try:
+        if l2_reduction:
+            return faiss.index_factory(head_dim + 1, spec, faiss.METRIC_L2)
         return faiss.index_factory(head_dim, spec, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[-1]
@@ -59,6 +65,10 @@ class FaissMemory:
         k: entries retrieved per query and head.
         train_size: valid entries a row needs before its indexes are trained (IVF/PQ only).
         search_params: Faiss search parameters such as `efSearch` or `nprobe`.
+        l2_reduction: index keys k as [k, sqrt(R² - |k|²)] and queries q as [q, 0] under L2, where R is
+            the largest key norm when the index first receives keys: |q' - k'|² = |q|² + R² - 2 q·k, so
+            L2 order is inner-product order, and L2 k-means partitions suit inner-product queries. Keys
+            arriving later with a norm above R get 0 as extra coordinate (slightly favoured).
     """
 
     def __init__(
@@ -71,11 +81,14 @@ class FaissMemory:
         k: int,
         train_size: int | None = None,
         search_params: dict | None = None,
+        l2_reduction: bool = False,
     ):
         self.buffer = EntryBuffer(num_heads=num_heads, head_dim=head_dim, dtype=dtype)
-        self.spec, self.k = spec, k
-        self.train_size = default_train_size(new_index(spec, head_dim), spec) if train_size is None else train_size
+        self.spec, self.k, self.l2_reduction = spec, k, l2_reduction
+        probe = new_index(spec, head_dim, l2_reduction)
+        self.train_size = default_train_size(probe, spec) if train_size is None else train_size
         self._rows: list[list[faiss.Index]] = []  # [row][head], each wrapped in IndexIDMap2
+        self._bounds: list[list[float | None]] = []  # [row][head]: R of the L2 reduction
         self.search_params: dict = {}
         self.set_search_params(**(search_params or {}))  # validates names before any entry arrives
 
@@ -84,19 +97,19 @@ class FaissMemory:
 
     def reset(self) -> None:
         self.buffer.reset()
-        self._rows = []
+        self._rows, self._bounds = [], []
 
     def _new_row(self) -> list[faiss.Index]:
         row = []
         for _ in range(self.buffer.num_heads):
-            inner = new_index(self.spec, self.buffer.head_dim)
+            inner = new_index(self.spec, self.buffer.head_dim, self.l2_reduction)
             _apply_params(inner, self.search_params)
             row.append(faiss.IndexIDMap2(inner))  # the wrapper keeps a reference to `inner`
         return row
 
     def set_search_params(self, **params) -> None:
         """Set Faiss search parameters (e.g. `efSearch=128`, `nprobe=64`) on every index."""
-        _apply_params(new_index(self.spec, self.buffer.head_dim), params)  # raises on unknown names
+        _apply_params(new_index(self.spec, self.buffer.head_dim, self.l2_reduction), params)  # raises if unknown
         self.search_params.update(params)
         for row in self._rows:
             for index in row:
@@ -106,6 +119,7 @@ class FaissMemory:
         ids = self.buffer.add(keys, values, valid)
         while len(self._rows) < keys.shape[0]:
             self._rows.append(self._new_row())
+            self._bounds.append([None] * self.buffer.num_heads)
         keys32 = keys.detach().float().cpu()
         for b, row in enumerate(self._rows):
             if not row[0].is_trained:
@@ -113,8 +127,8 @@ class FaissMemory:
                 continue
             sel = valid[b].cpu().bool()
             row_ids = np.arange(ids.start, ids.stop, dtype=np.int64)[sel.numpy()]
-            for h, index in enumerate(row):
-                index.add_with_ids(np.ascontiguousarray(keys32[b, h, sel].numpy()), row_ids)
+            for h in range(len(row)):
+                self._insert(b, h, keys32[b, h, sel].numpy(), row_ids)
 
     def _maybe_train(self, b: int) -> None:
         sel = self.buffer.valid[b].cpu()
@@ -123,15 +137,31 @@ class FaissMemory:
         row_ids = np.flatnonzero(sel.numpy()).astype(np.int64)
         stored = self.buffer.keys[b].detach().float().cpu()  # (H, M, D)
         for h, index in enumerate(self._rows[b]):
-            vectors = np.ascontiguousarray(stored[h, sel].numpy())
-            index.train(vectors)
-            index.add_with_ids(vectors, row_ids)
+            vectors = stored[h, sel].numpy()
+            index.train(self._index_vectors(b, h, vectors))
+            self._insert(b, h, vectors, row_ids)
+
+    def _index_vectors(self, b: int, h: int, keys: np.ndarray) -> np.ndarray:
+        """Keys (n, D) as the index stores them."""
+        if not self.l2_reduction:
+            return np.ascontiguousarray(keys)
+        norms_sq = (keys.astype(np.float64) ** 2).sum(1)
+        if self._bounds[b][h] is None:
+            self._bounds[b][h] = float(norms_sq.max(initial=0.0))
+        extra = np.sqrt(np.maximum(self._bounds[b][h] - norms_sq, 0.0)).astype(np.float32)
+        return np.ascontiguousarray(np.concatenate([keys, extra[:, None]], axis=1))
+
+    def _insert(self, b: int, h: int, keys: np.ndarray, ids: np.ndarray) -> None:
+        if len(ids):
+            self._rows[b][h].add_with_ids(self._index_vectors(b, h, keys), ids)
 
     def search(self, queries: torch.Tensor, heads: slice) -> MemoryHits:
         batch, num_heads, num_queries, _ = queries.shape
         k = min(self.k, len(self.buffer))
         ids = torch.full((batch, num_heads, num_queries, k), -1, dtype=torch.long)
         queries32 = queries.detach().float().cpu()
+        if self.l2_reduction:
+            queries32 = torch.cat([queries32, queries32.new_zeros(queries32.shape[:-1] + (1,))], dim=-1)
         head_ids = range(heads.start or 0, (heads.start or 0) + num_heads)
 
         def search_one(task):
@@ -154,6 +184,7 @@ class FaissMemory:
     def reorder_rows(self, index: torch.Tensor) -> None:
         self.buffer.reorder_rows(index)
         self._rows = [_clone_row(self._rows[i]) for i in index.tolist()]
+        self._bounds = [list(self._bounds[i]) for i in index.tolist()]
 
 
 def _apply_params(index: faiss.Index, params: dict) -> None:

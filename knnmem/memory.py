@@ -35,6 +35,7 @@ class Memory:
         index: `"dense"`, `"torch"` or a Faiss factory string (inner-product metric).
         k: entries retrieved per query and head (top-k backends).
         train_size: entries a row needs before IVF/PQ indexes are trained (default: 39 per centroid).
+        l2_reduction: index Faiss specs by the inner-product-to-L2 reduction (see `FaissMemory`).
         search_params: Faiss search parameters such as `efSearch=128` or `nprobe=64`.
     """
 
@@ -48,19 +49,22 @@ class Memory:
         index: str = "dense",
         k: int = DEFAULT_K,
         train_size: int | None = None,
+        l2_reduction: bool = False,
         **search_params,
     ):
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
-        if index in BACKENDS and (search_params or train_size is not None):
-            raise ValueError(f"index {index!r} takes no Faiss parameters, got {sorted(search_params)}")
+        if index in BACKENDS and (search_params or train_size is not None or l2_reduction):
+            raise ValueError(f"index {index!r} takes no Faiss options, got {sorted(search_params)}")
         self.layers = tuple(layers)
         self.num_heads, self.head_dim, self.dtype, self.index = num_heads, head_dim, dtype, index
+        self.l2_reduction = l2_reduction
         self.batch_size: int | None = None
         if index in BACKENDS:
             factory, options = BACKENDS[index], {}
         else:
-            factory, options = FaissMemory, dict(spec=index, train_size=train_size, search_params=search_params)
+            factory = FaissMemory
+            options = dict(spec=index, train_size=train_size, search_params=search_params, l2_reduction=l2_reduction)
         self._backends: dict[int, LayerMemory] = {
             layer: factory(num_heads=num_heads, head_dim=head_dim, dtype=dtype, k=k, **options) for layer in self.layers
         }

@@ -13,6 +13,7 @@ EXACT_WHEN_K_COVERS = [
     ("HNSW32", {}),
     ("IVF4,Flat", dict(train_size=20, nprobe=4)),  # trained mid-stream, all lists probed
     ("IVF2,PQ4x4", dict(train_size=30, nprobe=2)),  # PQ ranks approximately, but every entry is retrieved
+    ("IVF4,Flat", dict(train_size=20, nprobe=4, l2_reduction=True)),
 ]
 
 
@@ -64,7 +65,11 @@ def unit_keys(batch, heads, count, dim, seed):
     return keys
 
 
-@pytest.mark.parametrize("index, options", [("torch", {}), ("Flat", {}), ("HNSW32", {}), ("IVF4,Flat", dict(train_size=100, nprobe=4))])
+@pytest.mark.parametrize(
+    "index, options",
+    [("torch", {}), ("Flat", {}), ("HNSW32", {}), ("IVF4,Flat", dict(train_size=100, nprobe=4)),
+     ("Flat", dict(l2_reduction=True))],
+)
 def test_searching_a_stored_key_returns_its_own_id_and_value(index, options):
     memory = knnmem.Memory(layers=[0], num_heads=2, head_dim=16, dtype=torch.float32, index=index, k=3, **options)
     for chunk in range(4):  # IVF trains between the 2nd and 3rd chunk; ids must survive it
@@ -83,6 +88,20 @@ def test_searching_a_stored_key_returns_its_own_id_and_value(index, options):
     assert (hits.ids[1, :, kept, 0] == expected[1][:, kept]).all()
     assert not torch.isin(hits.ids[1][hits.valid[1]], torch.arange(0, 160, 5)).any()  # padding never inserted
     assert torch.equal(hits.values[..., 0][hits.valid], hits.ids[hits.valid].float())
+
+
+def test_l2_reduction_ranks_by_inner_product():
+    torch.manual_seed(0)
+    keys = torch.randn(1, 1, 500, 16) * torch.rand(1, 1, 500, 1) * 3  # varied norms
+    queries = torch.randn(1, 1, 20, 16)
+    exact = exact_top_k(queries, keys, torch.ones(1, 500, dtype=torch.bool), k=10)
+    memory = knnmem.Memory(layers=[0], num_heads=1, head_dim=16, dtype=torch.float32, index="Flat", k=10,
+                           l2_reduction=True)
+    memory.add(0, keys, keys, torch.ones(1, 500, dtype=torch.bool))
+    hits = memory.search(0, queries, slice(0, 1))
+    assert torch.equal(hits.ids.sort(-1).values, exact.sort(-1).values)
+    plain_l2 = (queries[0, 0, :, None] - keys[0, 0, None]).norm(dim=-1).topk(10, largest=False).indices
+    assert not torch.equal(plain_l2.sort(-1).values, exact[0, 0].sort(-1).values)  # the reduction matters
 
 
 def test_masked_entries_are_never_inserted_in_faiss():
@@ -147,7 +166,7 @@ def test_beam_search_with_faiss_memory_runs(make_model):
     [
         (dict(index="NoSuchIndex"), "invalid Faiss index spec 'NoSuchIndex'"),
         (dict(index="HNSW32", nprobe=3), "search parameter 'nprobe' does not apply"),
-        (dict(index="dense", efSearch=3), "takes no Faiss parameters"),
+        (dict(index="dense", efSearch=3), "takes no Faiss options"),
         (dict(index="Flat", k=0), "k must be a positive integer"),
     ],
 )
