@@ -112,14 +112,10 @@ def attend(
         mem_valid = hits.valid
     if not bool(mem_valid.all()):
         mem_scores.masked_fill_(~mem_valid, min_score(mem_scores.dtype))
-    # One softmax over [local, memory] without concatenating the (T x M) score matrix: shared max,
-    # exponentials in place, one normaliser.
-    scores, mem_scores = scores.float(), mem_scores.float()
-    peak = torch.maximum(scores.amax(-1, keepdim=True), mem_scores.amax(-1, keepdim=True))
-    local_probs, mem_probs = (scores - peak).exp_(), (mem_scores - peak).exp_()
-    norm = local_probs.sum(-1, keepdim=True) + mem_probs.sum(-1, keepdim=True)
-    local_probs, mem_probs = (local_probs / norm).to(queries.dtype), (mem_probs / norm).to(queries.dtype)
-    out = torch.matmul(local_probs, values)
+    # One float32 softmax over [local, memory], then one product with [local, memory] values: the
+    # published implementation's exact operation order, so bfloat16-stored memory rounds identically.
+    probs = torch.softmax(torch.cat([scores, mem_scores], dim=-1), dim=-1, dtype=torch.float32).to(queries.dtype)
     if shared:
-        return out + torch.matmul(mem_probs, mem_values)
-    return out + torch.einsum("bhtk,bhtkd->bhtd", mem_probs, mem_values)
+        return torch.matmul(probs, torch.cat([values, mem_values], dim=-2))
+    local_probs, mem_probs = probs.split([scores.shape[-1], mem_scores.shape[-1]], dim=-1)
+    return torch.matmul(local_probs, values) + torch.einsum("bhtk,bhtkd->bhtd", mem_probs, mem_values)

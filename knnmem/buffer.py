@@ -43,6 +43,11 @@ class EntryBuffer:
         """(B, M) True for entries that may receive attention."""
         return self._valid[:, : self._size]
 
+    def attach(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
+        """Adopt existing (e.g. memory-mapped) keys/values (B, H, M, D) and valid (B, M) without copying."""
+        self._keys, self._values, self._valid = keys, values, valid
+        self._size = keys.shape[2]
+
     def add(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> range:
         """Append keys/values (B, H, T, D) and valid (B, T); returns the ids given to them."""
         keys, values = keys.to(self.dtype), values.to(self.dtype)

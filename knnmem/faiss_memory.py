@@ -3,12 +3,14 @@
 Index specs are Faiss factory strings ("Flat", "HNSW32", "IVF1024,Flat", "IVF1024,PQ16", ...) built
 with METRIC_INNER_PRODUCT, so retrieval ranks entries by q·k, the attention score before scaling.
 Indexes that need training (IVF, PQ) are trained once a row holds `train_size` valid entries; until
-then that row is searched exactly. Index ids are the entry ids of the layer's `EntryBuffer`.
+then that row is searched exactly. Index ids are the entry ids of the layer's `EntryBuffer`. For a
+model on CUDA with faiss-gpu installed, index types Faiss supports on GPU are built there.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -99,10 +101,10 @@ class FaissMemory:
         self.buffer.reset()
         self._rows, self._bounds = [], []
 
-    def _new_row(self) -> list[faiss.Index]:
+    def _new_row(self, device: torch.device) -> list[faiss.Index]:
         row = []
         for _ in range(self.buffer.num_heads):
-            inner = new_index(self.spec, self.buffer.head_dim, self.l2_reduction)
+            inner = _on_device(new_index(self.spec, self.buffer.head_dim, self.l2_reduction), device)
             _apply_params(inner, self.search_params)
             row.append(faiss.IndexIDMap2(inner))  # the wrapper keeps a reference to `inner`
         return row
@@ -118,7 +120,7 @@ class FaissMemory:
     def add(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
         ids = self.buffer.add(keys, values, valid)
         while len(self._rows) < keys.shape[0]:
-            self._rows.append(self._new_row())
+            self._rows.append(self._new_row(keys.device))
             self._bounds.append([None] * self.buffer.num_heads)
         keys32 = keys.detach().float().cpu()
         for b, row in enumerate(self._rows):
@@ -181,10 +183,48 @@ class FaissMemory:
         ids = ids.to(queries.device)
         return MemoryHits(*self.buffer.gather(heads, ids), ids=ids)
 
+    def export_indexes(self) -> tuple[list[list[faiss.Index]], list[list[float | None]]]:
+        """CPU copies of the indexes ([row][head]) and the L2-reduction bounds, for persistence."""
+        rows = [[_to_cpu(index) for index in row] for row in self._rows]
+        return rows, [list(bounds) for bounds in self._bounds]
+
+    def import_indexes(self, rows: list[list[faiss.Index]], bounds: list[list[float | None]]) -> None:
+        """Adopt indexes built over the entries of `self.buffer` (as `export_indexes` returned them)."""
+        device = self.buffer.keys.device
+        self._rows = [[faiss.IndexIDMap2(_on_device(faiss.downcast_index(i.index), device)) for i in row] for row in rows]
+        self._bounds = [list(b) for b in bounds]
+        for row in self._rows:
+            for index in row:
+                _apply_params(faiss.downcast_index(index.index), self.search_params)
+
     def reorder_rows(self, index: torch.Tensor) -> None:
         self.buffer.reorder_rows(index)
         self._rows = [_clone_row(self._rows[i]) for i in index.tolist()]
         self._bounds = [list(self._bounds[i]) for i in index.tolist()]
+
+
+_GPU_RESOURCES = None
+
+
+def _on_device(index: faiss.Index, device: torch.device) -> faiss.Index:
+    """`index` moved to the GPU of `device` when it is CUDA and Faiss has GPU support for this index type."""
+    global _GPU_RESOURCES
+    if device.type != "cuda" or not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        return index
+    if _GPU_RESOURCES is None:
+        _GPU_RESOURCES = faiss.StandardGpuResources()
+    try:
+        return faiss.index_cpu_to_gpu(_GPU_RESOURCES, device.index or 0, index)
+    except RuntimeError:  # e.g. HNSW, which Faiss runs on CPU only
+        warnings.warn(f"Faiss has no GPU version of {type(index).__name__}; it stays on CPU", stacklevel=3)
+        return index
+
+
+def _to_cpu(index: faiss.Index) -> faiss.Index:
+    """A CPU copy of an ID-mapped index whose inner index may live on a GPU."""
+    if "Gpu" in type(faiss.downcast_index(index.index)).__name__:
+        return faiss.index_gpu_to_cpu(index)  # Faiss's cloner keeps the id map
+    return index
 
 
 def _apply_params(index: faiss.Index, params: dict) -> None:

@@ -7,7 +7,7 @@ entry), `"torch"` (exact top-k by blocked matmul), or any Faiss factory string (
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import torch
 
@@ -16,6 +16,15 @@ from .faiss_memory import FaissMemory
 
 if TYPE_CHECKING:
     from .config import LongLlamaConfig
+
+class Document(NamedTuple):
+    """A document whose entries are ids `start..end-1` of a single-row memory."""
+
+    id: int
+    name: str
+    start: int
+    end: int
+
 
 # Index specs served by torch; any other spec is a Faiss factory string.
 BACKENDS = {"dense": DenseMemory, "torch": TorchTopKMemory}

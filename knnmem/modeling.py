@@ -143,6 +143,8 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["LongLlamaDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
+    # Checkpoints written by the original implementation also hold its rotary-embedding buffers.
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
 
     def __init__(self, config: LongLlamaConfig, *args, **kwargs):
         config.validate_memory()

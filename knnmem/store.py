@@ -1,0 +1,250 @@
+"""Persisting a memory: a directory that any process reopens in milliseconds.
+
+Layout of a store directory (documented for users in `indexes/README.md`):
+
+    manifest.json              the commit point: format, model fingerprint, geometry, index, documents, files
+    data-<generation>/         one complete generation of data files
+        layer<L>.keys.bin      (H, M, D) raw little-endian, stored dtype (bfloat16/float16/float32)
+        layer<L>.values.bin    (H, M, D)
+        layer<L>.head<h>.faiss one Faiss index per head (Faiss specs only)
+        valid.bin              (M,) uint8: 1 for entries that may receive attention
+        provenance.bin         (M, 3) int64: document id, token position, token id
+
+A save writes a new generation directory, then atomically replaces `manifest.json`, then deletes
+older generations. A process killed at any point leaves the previous manifest (and its generation)
+or the new one: never a store that loads half-written. Readers memory-map the arrays of the
+generation they opened; deleting an old generation does not disturb them (POSIX keeps mapped files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+# Files hashed on every load; the large arrays are checked by size (hash them with verify=True).
+_ALWAYS_HASHED = (".faiss", "valid.bin", "provenance.bin")
+_FINGERPRINT_FIELDS = (
+    "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "mem_layers",
+    "mem_positionals", "rope_theta", "max_position_embeddings",
+)
+
+
+class StoreError(ValueError):
+    """A store cannot be read or does not fit the model; the message names the file and the mismatch."""
+
+
+def model_fingerprint(model) -> dict:
+    """What a store's entries depend on: config fields and a digest of the memory layers' k/v projections."""
+    config = model.config
+    digest = hashlib.sha256()
+    for layer in config.mem_layers:
+        attention = model.get_decoder().layers[layer].self_attn
+        for projection in (attention.k_proj, attention.v_proj):
+            digest.update(projection.weight.detach().float().cpu().numpy().tobytes())
+    return {"config": {f: getattr(config, f) for f in _FINGERPRINT_FIELDS}, "kv_projections_sha256": digest.hexdigest()}
+
+
+def save_memory(memory, path: str | Path, *, fingerprint: dict) -> None:
+    """Write `memory` (one batch row) to the store directory `path`, atomically."""
+    from .faiss_memory import FaissMemory
+
+    if memory.batch_size not in (None, 1):
+        raise ValueError(f"a store holds one memory row, this memory has {memory.batch_size} rows")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    generation = f"data-{uuid.uuid4().hex[:12]}"
+    data = path / generation
+    data.mkdir()
+    files, size = {}, len(memory)
+    for layer in memory.layers:
+        backend = memory.layer(layer)
+        buffer = backend.buffer
+        for name, tensor in ((f"layer{layer}.keys.bin", buffer.keys), (f"layer{layer}.values.bin", buffer.values)):
+            files[name] = _write_tensor(data / name, tensor[0] if size else tensor.new_zeros(0))
+        if isinstance(backend, FaissMemory) and size:
+            rows, bounds = backend.export_indexes()
+            for head, index in enumerate(rows[0]):
+                name = f"layer{layer}.head{head}.faiss"
+                faiss.write_index(index, str(data / name))
+                files[name] = _file_record(data / name)
+    valid = memory.layer(memory.layers[0]).buffer.valid[0] if size else torch.zeros(0, dtype=torch.bool)
+    files["valid.bin"] = _write_tensor(data / "valid.bin", valid.to(torch.uint8))
+    provenance = memory.provenance if memory.provenance is not None else torch.full((size, 3), -1)
+    files["provenance.bin"] = _write_tensor(data / "provenance.bin", provenance.to(torch.int64))
+    _fsync_dir(data)
+
+    from . import __version__
+
+    first = memory.layer(memory.layers[0]) if memory.layers else None
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "knnmem_version": __version__,
+        "fingerprint": fingerprint,
+        "layers": list(memory.layers),
+        "num_heads": memory.num_heads,
+        "head_dim": memory.head_dim,
+        "dtype": str(memory.dtype).removeprefix("torch."),
+        "index": memory.index,
+        "k": memory.k,
+        "train_size": getattr(first, "train_size", None),
+        "l2_reduction": memory.l2_reduction,
+        "search_params": dict(getattr(first, "search_params", {})),
+        "l2_bounds": {str(l): memory.layer(l).export_indexes()[1][0] for l in memory.layers
+                      if isinstance(memory.layer(l), FaissMemory) and size},
+        "entries": size,
+        "documents": [d._asdict() for d in memory.documents],
+        "generation": generation,
+        "files": files,
+    }
+    tmp = path / f"{MANIFEST}.{generation}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    _fsync(tmp)
+    os.replace(tmp, path / MANIFEST)  # the commit
+    _fsync_dir(path)
+    for stale in path.iterdir():
+        if stale.name != generation and (stale.name.startswith("data-") or stale.name.endswith(".tmp")):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of store `path`; `StoreError` if missing, unreadable or of an unknown format."""
+    file = Path(path) / MANIFEST
+    if not file.exists():
+        raise StoreError(f"{file}: missing; {path} is not a knnmem store (or its first save never completed)")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise StoreError(f"{file}: not valid JSON ({error})") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise StoreError(f"{file}: format version {version!r} is not supported (this knnmem reads {FORMAT_VERSION})")
+    return manifest
+
+
+def load_memory(path: str | Path, *, model, writable: bool = False, verify: bool = False):
+    """Open store `path` for `model`: arrays memory-mapped, Faiss indexes read.
+
+    Read-only by default: entries added later (e.g. overflowing the local cache in generation) go to
+    an in-memory overlay. With `writable=True`, additions go into the memory itself and `save` may
+    write them back. `verify=True` also hashes the large arrays.
+    """
+    from .faiss_memory import FaissMemory
+    from .memory import Document, Memory
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    _check_fingerprint(path / MANIFEST, manifest["fingerprint"], model_fingerprint(model))
+    data = path / manifest["generation"]
+    size, heads, dim = manifest["entries"], manifest["num_heads"], manifest["head_dim"]
+    dtype = getattr(torch, manifest["dtype"])
+    for name, record in manifest["files"].items():
+        _check_file(data / name, record, hash_it=verify or name.endswith(_ALWAYS_HASHED))
+
+    options = {} if manifest["index"] in ("dense", "torch") else dict(
+        train_size=manifest["train_size"], l2_reduction=manifest["l2_reduction"], **manifest["search_params"]
+    )
+    memory = Memory(layers=manifest["layers"], num_heads=heads, head_dim=dim, dtype=dtype,
+                    index=manifest["index"], k=manifest["k"], **options)
+    device = next(model.parameters()).device
+    valid = _map(data / "valid.bin", (1, size), torch.uint8, writable).bool().to(device)
+    for layer in memory.layers:
+        keys = _map(data / f"layer{layer}.keys.bin", (1, heads, size, dim), dtype, writable).to(device)
+        values = _map(data / f"layer{layer}.values.bin", (1, heads, size, dim), dtype, writable).to(device)
+        backend = memory.layer(layer)
+        backend.buffer.attach(keys, values, valid)
+        if isinstance(backend, FaissMemory) and size:
+            rows = [[_read_index(data / f"layer{layer}.head{h}.faiss") for h in range(heads)]]
+            backend.import_indexes(rows, [manifest["l2_bounds"][str(layer)]])
+    memory.batch_size = 1 if size else None
+    memory.documents = [Document(**d) for d in manifest["documents"]]
+    memory.provenance = _map(data / "provenance.bin", (size, 3), torch.int64, writable)
+    memory.path, memory.read_only = path, not writable
+    return memory
+
+
+def _check_fingerprint(file: Path, stored: dict, actual: dict) -> None:
+    for field, value in stored["config"].items():
+        if actual["config"].get(field) != value:
+            raise StoreError(
+                f"{file}: built by a different model: {field} is {value!r} in the store, "
+                f"{actual['config'].get(field)!r} in the model"
+            )
+    if stored["kv_projections_sha256"] != actual["kv_projections_sha256"]:
+        raise StoreError(
+            f"{file}: built by a different model: the memory layers' key/value projection weights differ "
+            "(re-index the corpus with this model)"
+        )
+
+
+def _file_record(file: Path) -> dict:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    _fsync(file)
+    return {"bytes": file.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _write_tensor(file: Path, tensor: torch.Tensor) -> dict:
+    array = tensor.detach().cpu().contiguous()
+    if array.dtype == torch.bfloat16:
+        array = array.view(torch.int16)  # numpy has no bfloat16: store the raw bits
+    array.numpy().tofile(file)
+    return _file_record(file)
+
+
+def _check_file(file: Path, record: dict, *, hash_it: bool) -> None:
+    if not file.exists():
+        raise StoreError(f"{file}: missing (the store lists it in {MANIFEST})")
+    size = file.stat().st_size
+    if size != record["bytes"]:
+        raise StoreError(f"{file}: {size} bytes, expected {record['bytes']} (truncated or overwritten)")
+    if hash_it:
+        digest = hashlib.sha256()
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != record["sha256"]:
+            raise StoreError(f"{file}: contents do not match the checksum in {MANIFEST} (corrupted)")
+
+
+def _map(file: Path, shape: tuple, dtype: torch.dtype, writable: bool) -> torch.Tensor:
+    """A tensor over `file` without reading it: copy-on-write memory map, so writes never reach the file."""
+    count = int(np.prod(shape))
+    if count == 0:
+        return torch.zeros(shape, dtype=dtype)
+    storage_dtype = torch.int16 if dtype == torch.bfloat16 else dtype
+    array = np.memmap(file, dtype=torch.empty(0, dtype=storage_dtype).numpy().dtype, mode="c", shape=shape)
+    tensor = torch.from_numpy(array)
+    tensor = tensor.view(dtype) if dtype == torch.bfloat16 else tensor
+    return tensor.clone() if writable else tensor
+
+
+def _read_index(file: Path) -> faiss.Index:
+    try:
+        return faiss.read_index(str(file))
+    except RuntimeError as error:
+        raise StoreError(f"{file}: cannot be read by Faiss ({str(error).strip().splitlines()[-1]})") from None
+
+
+def _fsync(file: Path) -> None:
+    with open(file, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
