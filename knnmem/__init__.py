@@ -6,8 +6,10 @@ from .cache import LongLlamaCache
 from .config import LongLlamaConfig
 from .backends import DenseMemory, MemoryHits, TorchTopKMemory
 from .faiss_memory import FaissMemory
-from .ingest import encode_documents
-from .memory import BACKENDS, Memory
+from .corpus import read_corpus
+from .ingest import Document, encode_documents
+from .store import StoreError
+from .memory import BACKENDS, Memory, index_corpus
 from .modeling import LongLlamaForCausalLM, LongLlamaModel
 from .quality import ProbedMemory, RetrievalQuality, retrieval_quality
 
@@ -20,6 +22,7 @@ AutoModelForCausalLM.register(LongLlamaConfig, LongLlamaForCausalLM, exist_ok=Tr
 __all__ = [
     "BACKENDS",
     "DenseMemory",
+    "Document",
     "FaissMemory",
     "LongLlamaCache",
     "LongLlamaConfig",
@@ -29,7 +32,10 @@ __all__ = [
     "MemoryHits",
     "ProbedMemory",
     "RetrievalQuality",
+    "StoreError",
     "TorchTopKMemory",
     "encode_documents",
+    "index_corpus",
+    "read_corpus",
     "retrieval_quality",
 ]

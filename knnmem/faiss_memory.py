@@ -191,7 +191,7 @@ class FaissMemory:
     def import_indexes(self, rows: list[list[faiss.Index]], bounds: list[list[float | None]]) -> None:
         """Adopt indexes built over the entries of `self.buffer` (as `export_indexes` returned them)."""
         device = self.buffer.keys.device
-        self._rows = [[faiss.IndexIDMap2(_on_device(faiss.downcast_index(i.index), device)) for i in row] for row in rows]
+        self._rows = [[_on_device(index, device) for index in row] for row in rows]
         self._bounds = [list(b) for b in bounds]
         for row in self._rows:
             for index in row:

@@ -10,7 +10,7 @@ Layout of a store directory (documented for users in `indexes/README.md`):
         valid.bin              (M,) uint8: 1 for entries that may receive attention
         provenance.bin         (M, 3) int64: document id, token position, token id
 
-A save writes a new generation directory, then atomically replaces `manifest.json`, then deletes
+`write_store` writes a new generation directory, then atomically replaces `manifest.json`, then deletes
 older generations. A process killed at any point leaves the previous manifest (and its generation)
 or the new one: never a store that loads half-written. Readers memory-map the arrays of the
 generation they opened; deleting an old generation does not disturb them (POSIX keeps mapped files).
@@ -54,58 +54,22 @@ def model_fingerprint(model) -> dict:
     return {"config": {f: getattr(config, f) for f in _FINGERPRINT_FIELDS}, "kv_projections_sha256": digest.hexdigest()}
 
 
-def save_memory(memory, path: str | Path, *, fingerprint: dict) -> None:
-    """Write `memory` (one batch row) to the store directory `path`, atomically."""
-    from .faiss_memory import FaissMemory
-
-    if memory.batch_size not in (None, 1):
-        raise ValueError(f"a store holds one memory row, this memory has {memory.batch_size} rows")
+def write_store(path: str | Path, *, manifest: dict, arrays: dict[str, torch.Tensor], indexes: dict) -> None:
+    """Write a new generation of `arrays` (raw) and Faiss `indexes` under `path`, then commit `manifest`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     generation = f"data-{uuid.uuid4().hex[:12]}"
     data = path / generation
     data.mkdir()
-    files, size = {}, len(memory)
-    for layer in memory.layers:
-        backend = memory.layer(layer)
-        buffer = backend.buffer
-        for name, tensor in ((f"layer{layer}.keys.bin", buffer.keys), (f"layer{layer}.values.bin", buffer.values)):
-            files[name] = _write_tensor(data / name, tensor[0] if size else tensor.new_zeros(0))
-        if isinstance(backend, FaissMemory) and size:
-            rows, bounds = backend.export_indexes()
-            for head, index in enumerate(rows[0]):
-                name = f"layer{layer}.head{head}.faiss"
-                faiss.write_index(index, str(data / name))
-                files[name] = _file_record(data / name)
-    valid = memory.layer(memory.layers[0]).buffer.valid[0] if size else torch.zeros(0, dtype=torch.bool)
-    files["valid.bin"] = _write_tensor(data / "valid.bin", valid.to(torch.uint8))
-    provenance = memory.provenance if memory.provenance is not None else torch.full((size, 3), -1)
-    files["provenance.bin"] = _write_tensor(data / "provenance.bin", provenance.to(torch.int64))
+    files = {name: _write_tensor(data / name, tensor) for name, tensor in arrays.items()}
+    for name, index in indexes.items():
+        faiss.write_index(index, str(data / name))
+        files[name] = _file_record(data / name)
     _fsync_dir(data)
-
     from . import __version__
 
-    first = memory.layer(memory.layers[0]) if memory.layers else None
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "knnmem_version": __version__,
-        "fingerprint": fingerprint,
-        "layers": list(memory.layers),
-        "num_heads": memory.num_heads,
-        "head_dim": memory.head_dim,
-        "dtype": str(memory.dtype).removeprefix("torch."),
-        "index": memory.index,
-        "k": memory.k,
-        "train_size": getattr(first, "train_size", None),
-        "l2_reduction": memory.l2_reduction,
-        "search_params": dict(getattr(first, "search_params", {})),
-        "l2_bounds": {str(l): memory.layer(l).export_indexes()[1][0] for l in memory.layers
-                      if isinstance(memory.layer(l), FaissMemory) and size},
-        "entries": size,
-        "documents": [d._asdict() for d in memory.documents],
-        "generation": generation,
-        "files": files,
-    }
+    manifest = {"format_version": FORMAT_VERSION, "knnmem_version": __version__, **manifest,
+                "generation": generation, "files": files}
     tmp = path / f"{MANIFEST}.{generation}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     _fsync(tmp)
@@ -131,45 +95,18 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def load_memory(path: str | Path, *, model, writable: bool = False, verify: bool = False):
-    """Open store `path` for `model`: arrays memory-mapped, Faiss indexes read.
+def open_store(path: str | Path, *, fingerprint: dict, verify: bool = False) -> tuple[dict, Path]:
+    """Manifest and data directory of store `path`, after checking the model and every listed file.
 
-    Read-only by default: entries added later (e.g. overflowing the local cache in generation) go to
-    an in-memory overlay. With `writable=True`, additions go into the memory itself and `save` may
-    write them back. `verify=True` also hashes the large arrays.
+    The large arrays are checked by size; `verify=True` also hashes them (small files always are).
     """
-    from .faiss_memory import FaissMemory
-    from .memory import Document, Memory
-
     path = Path(path)
     manifest = read_manifest(path)
-    _check_fingerprint(path / MANIFEST, manifest["fingerprint"], model_fingerprint(model))
+    _check_fingerprint(path / MANIFEST, manifest["fingerprint"], fingerprint)
     data = path / manifest["generation"]
-    size, heads, dim = manifest["entries"], manifest["num_heads"], manifest["head_dim"]
-    dtype = getattr(torch, manifest["dtype"])
     for name, record in manifest["files"].items():
         _check_file(data / name, record, hash_it=verify or name.endswith(_ALWAYS_HASHED))
-
-    options = {} if manifest["index"] in ("dense", "torch") else dict(
-        train_size=manifest["train_size"], l2_reduction=manifest["l2_reduction"], **manifest["search_params"]
-    )
-    memory = Memory(layers=manifest["layers"], num_heads=heads, head_dim=dim, dtype=dtype,
-                    index=manifest["index"], k=manifest["k"], **options)
-    device = next(model.parameters()).device
-    valid = _map(data / "valid.bin", (1, size), torch.uint8, writable).bool().to(device)
-    for layer in memory.layers:
-        keys = _map(data / f"layer{layer}.keys.bin", (1, heads, size, dim), dtype, writable).to(device)
-        values = _map(data / f"layer{layer}.values.bin", (1, heads, size, dim), dtype, writable).to(device)
-        backend = memory.layer(layer)
-        backend.buffer.attach(keys, values, valid)
-        if isinstance(backend, FaissMemory) and size:
-            rows = [[_read_index(data / f"layer{layer}.head{h}.faiss") for h in range(heads)]]
-            backend.import_indexes(rows, [manifest["l2_bounds"][str(layer)]])
-    memory.batch_size = 1 if size else None
-    memory.documents = [Document(**d) for d in manifest["documents"]]
-    memory.provenance = _map(data / "provenance.bin", (size, 3), torch.int64, writable)
-    memory.path, memory.read_only = path, not writable
-    return memory
+    return manifest, data
 
 
 def _check_fingerprint(file: Path, stored: dict, actual: dict) -> None:
@@ -218,7 +155,7 @@ def _check_file(file: Path, record: dict, *, hash_it: bool) -> None:
             raise StoreError(f"{file}: contents do not match the checksum in {MANIFEST} (corrupted)")
 
 
-def _map(file: Path, shape: tuple, dtype: torch.dtype, writable: bool) -> torch.Tensor:
+def map_array(file: Path, shape: tuple, dtype: torch.dtype, writable: bool) -> torch.Tensor:
     """A tensor over `file` without reading it: copy-on-write memory map, so writes never reach the file."""
     count = int(np.prod(shape))
     if count == 0:
@@ -230,7 +167,7 @@ def _map(file: Path, shape: tuple, dtype: torch.dtype, writable: bool) -> torch.
     return tensor.clone() if writable else tensor
 
 
-def _read_index(file: Path) -> faiss.Index:
+def read_index(file: Path) -> faiss.Index:
     try:
         return faiss.read_index(str(file))
     except RuntimeError as error:
