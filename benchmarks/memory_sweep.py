@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import sysconfig
 import time
 from pathlib import Path
 
 import faiss
 import torch
+from common import demo_model, rss_bytes, stdlib_documents
 
 import knnmem
 from knnmem.quality import ProbedMemory
@@ -34,32 +33,6 @@ DEFAULT_SPECS = {
     "IVF1024,Flat+l2": [dict(nprobe=8), dict(nprobe=32), dict(nprobe=128)],
     "IVF1024,PQ16x4fs": [dict(nprobe=32)],
 }
-
-
-def demo_model(seed: int = 0) -> knnmem.LongLlamaForCausalLM:
-    """A small LongLLaMA with random weights (std 0.1, so attention is far from uniform), fused attention."""
-    config = knnmem.LongLlamaConfig(
-        vocab_size=260, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-        max_position_embeddings=256, last_context_length=256, mem_layers=[1, 2], mem_dtype="bfloat16",
-        initializer_range=0.1, torch_attention=True,  # the fused kernel is dense memory's fastest path
-    )
-    torch.manual_seed(seed)
-    return knnmem.LongLlamaForCausalLM(config).eval()
-
-
-def stdlib_documents(total_tokens: int, doc_tokens: int = 4096) -> list[list[int]]:
-    """Byte tokens (+1, 0 is padding) of standard-library sources, cut into documents."""
-    docs, remaining = [], total_tokens
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
-        data = path.read_bytes()
-        for start in range(0, len(data), doc_tokens):
-            piece = [b + 1 for b in data[start : start + min(doc_tokens, remaining)]]
-            if len(piece) >= 64:
-                docs.append(piece)
-                remaining -= len(piece)
-            if remaining <= 0:
-                return docs
-    raise ValueError(f"the standard library holds fewer than {total_tokens} tokens")
 
 
 def parse_spec(text: str) -> tuple[str, list[dict]]:
@@ -85,13 +58,6 @@ def memory_bytes(memory: knnmem.Memory) -> int:
         for row in getattr(backend, "_rows", []):
             total += sum(faiss.serialize_index(index).nbytes for index in row)
     return total
-
-
-def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 @torch.no_grad()

@@ -152,7 +152,7 @@ class Memory:
             merged = self.reindex(self.index, **self._options())
             merged.extend(self.overlay)
             return merged.save(path)
-        size = len(self)
+        size = self.stored_entries
         arrays, indexes, bounds = {}, {}, {}
         for layer in self.layers:
             backend = self._backends[layer]
@@ -216,6 +216,8 @@ class Memory:
         for backend in self._backends.values():
             if hasattr(backend, "k"):
                 backend.k = value
+        if self.overlay is not None:
+            self.overlay.k = value
 
     def set_search_params(self, **params) -> None:
         """Change Faiss search parameters (e.g. `efSearch`, `nprobe`) of every layer."""
@@ -247,8 +249,12 @@ class Memory:
             )
 
     def __len__(self) -> int:
-        stored = len(self._backends[self.layers[0]]) if self.layers else 0
-        return stored + (len(self.overlay) if self.overlay is not None else 0)
+        return self.stored_entries + (len(self.overlay) if self.overlay is not None else 0)
+
+    @property
+    def stored_entries(self) -> int:
+        """Entries per row, not counting the overlay of a read-only memory."""
+        return len(self._backends[self.layers[0]]) if self.layers else 0
 
     def add(self, layer: int, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
         """Append keys/values (B, H, T, D), stored as if at position 0, with padding flags `valid` (B, T).

@@ -123,13 +123,17 @@ def _check_fingerprint(file: Path, stored: dict, actual: dict) -> None:
         )
 
 
-def _file_record(file: Path) -> dict:
+def _sha256(file: Path) -> str:
     digest = hashlib.sha256()
     with open(file, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_record(file: Path) -> dict:
     _fsync(file)
-    return {"bytes": file.stat().st_size, "sha256": digest.hexdigest()}
+    return {"bytes": file.stat().st_size, "sha256": _sha256(file)}
 
 
 def _write_tensor(file: Path, tensor: torch.Tensor) -> dict:
@@ -146,13 +150,8 @@ def _check_file(file: Path, record: dict, *, hash_it: bool) -> None:
     size = file.stat().st_size
     if size != record["bytes"]:
         raise StoreError(f"{file}: {size} bytes, expected {record['bytes']} (truncated or overwritten)")
-    if hash_it:
-        digest = hashlib.sha256()
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != record["sha256"]:
-            raise StoreError(f"{file}: contents do not match the checksum in {MANIFEST} (corrupted)")
+    if hash_it and _sha256(file) != record["sha256"]:
+        raise StoreError(f"{file}: contents do not match the checksum in {MANIFEST} (corrupted)")
 
 
 def map_array(file: Path, shape: tuple, dtype: torch.dtype, writable: bool) -> torch.Tensor:

@@ -130,6 +130,8 @@ def test_read_only_store_keeps_generation_in_an_overlay(model, tmp_path):
     assert len(loaded) > stored and len(loaded.overlay) == len(loaded) - stored
     assert (tmp_path / "store" / "manifest.json").read_text() == manifest
     assert len(knnmem.Memory.load(tmp_path / "store", model=model)) == stored
+    loaded.save(tmp_path / "copy")  # without the overlay
+    assert len(knnmem.Memory.load(tmp_path / "copy", model=model)) == stored
     loaded.save(include_overlay=True)
     assert len(knnmem.Memory.load(tmp_path / "store", model=model)) == len(loaded)
 
@@ -193,7 +195,13 @@ def test_unknown_format_version(store, model):
         knnmem.Memory.load(store, model=model)
 
 
-def test_truncated_missing_and_corrupted_files(store, model):
+def flip_byte(file, offset):
+    raw = bytearray(file.read_bytes())
+    raw[offset] ^= 0xFF
+    file.write_bytes(bytes(raw))
+
+
+def test_truncated_file(store, model):
     keys = data_file(store, "layer1.keys.bin")
     keys.write_bytes(keys.read_bytes()[:-10])
     with pytest.raises(knnmem.StoreError, match=r"layer1.keys.bin: \d+ bytes, expected \d+ \(truncated"):
@@ -201,10 +209,7 @@ def test_truncated_missing_and_corrupted_files(store, model):
 
 
 def test_corrupted_index_and_missing_file(store, model):
-    index = data_file(store, "layer2.head3.faiss")
-    raw = bytearray(index.read_bytes())
-    raw[100] ^= 0xFF
-    index.write_bytes(bytes(raw))
+    flip_byte(data_file(store, "layer2.head3.faiss"), 100)
     with pytest.raises(knnmem.StoreError, match="layer2.head3.faiss: contents do not match the checksum"):
         knnmem.Memory.load(store, model=model)
     data_file(store, "provenance.bin").unlink()
@@ -213,10 +218,7 @@ def test_corrupted_index_and_missing_file(store, model):
 
 
 def test_corrupted_large_array_is_found_with_verify(store, model):
-    values = data_file(store, "layer2.values.bin")
-    raw = bytearray(values.read_bytes())
-    raw[7] ^= 0xFF
-    values.write_bytes(bytes(raw))
+    flip_byte(data_file(store, "layer2.values.bin"), 7)
     knnmem.Memory.load(store, model=model)  # opening checks sizes only, to stay sub-second
     with pytest.raises(knnmem.StoreError, match="layer2.values.bin: contents do not match the checksum"):
         knnmem.Memory.load(store, model=model, verify=True)
