@@ -56,6 +56,28 @@ def local_mask(valid: torch.Tensor, num_queries: int) -> torch.Tensor:
     return causal[None, None] & valid[:, None, None, :].bool()
 
 
+def cross_batch_hits(keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, distance: int) -> MemoryHits:
+    """Memory of FoT's cross-batch attention: row b sees the keys and values of rows b-1, ..., b-distance.
+
+    Args:
+        keys, values: (B, H, T, D) unrotated keys and values of the rows (as if at position 0).
+        valid: (B, T) non-padding flags.
+
+    Returns:
+        Hits shared by all queries of a row: keys/values (B, H, distance*T, D), valid (B, distance*T);
+        rows before the first one are invalid.
+    """
+    def shift(x: torch.Tensor, rows: int) -> torch.Tensor:
+        return torch.cat([torch.zeros_like(x[:rows]), x[: x.shape[0] - rows]]) if rows < x.shape[0] else torch.zeros_like(x)
+
+    shifts = range(1, distance + 1)
+    return MemoryHits(
+        keys=torch.cat([shift(keys, j) for j in shifts], dim=2),
+        values=torch.cat([shift(values, j) for j in shifts], dim=2),
+        valid=torch.cat([shift(valid.bool(), j) for j in shifts], dim=1),
+    )
+
+
 def _masked_scores(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     floor = min_score(scores.dtype)
     return scores.masked_fill(~mask, floor).clamp_min(floor)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.generation.stopping_criteria import MaxLengthCriteria
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .attention import apply_rotary, attend, local_mask, relative_positions
+from .attention import apply_rotary, attend, cross_batch_hits, local_mask, relative_positions
 from .cache import LongLlamaCache
 from .config import LongLlamaConfig, check_last_context_length
 from .memory import Memory
@@ -51,7 +52,8 @@ class LongLlamaAttention(nn.Module):
     """Projects, applies rotary embeddings relative to the local span, and dispatches to `attend`.
 
     A memory layer also reads `memory` (never writes it: the window loop does) and, with
-    `mem_positionals=False`, uses no rotary embeddings at all.
+    `mem_positionals=False`, uses no rotary embeddings at all. In training, a memory layer attends
+    instead to the previous `cross_batch` rows of the batch (FoT's cross-batch attention).
     """
 
     def __init__(self, config: LongLlamaConfig, layer_idx: int):
@@ -81,6 +83,7 @@ class LongLlamaAttention(nn.Module):
         valid: torch.Tensor,
         past: tuple[torch.Tensor, ...] | None,
         memory: Memory | None,
+        cross_batch: int = 0,
     ) -> tuple[torch.Tensor, KeyValue]:
         q, k, v = self._heads(self.q_proj(hidden)), self._heads(self.k_proj(hidden)), self._heads(self.v_proj(hidden))
         num_queries = q.shape[2]
@@ -96,7 +99,9 @@ class LongLlamaAttention(nn.Module):
             keys = apply_rotary(keys, rel, self.rope_theta)
         mask = local_mask(span_valid, num_queries)  # (B, 1, T, S)
 
-        if not self.is_memory_layer or memory is None or not len(memory):
+        if self.is_memory_layer and cross_batch:
+            out = attend(q, keys, values, mask, cross_batch_hits(k, v, valid, cross_batch), use_sdpa=self.use_sdpa)
+        elif not self.is_memory_layer or memory is None or not len(memory):
             out = attend(q, keys, values, mask, use_sdpa=self.use_sdpa)
         else:
             out = self._attend_with_memory(q, keys, values, mask, memory)
@@ -130,8 +135,8 @@ class LongLlamaDecoderLayer(nn.Module):
         self.input_layernorm = LongLlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = LongLlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden, positions, valid, past, memory) -> tuple[torch.Tensor, KeyValue]:
-        attn_out, new_kv = self.self_attn(self.input_layernorm(hidden), positions, valid, past, memory)
+    def forward(self, hidden, positions, valid, past, memory, cross_batch=0) -> tuple[torch.Tensor, KeyValue]:
+        attn_out, new_kv = self.self_attn(self.input_layernorm(hidden), positions, valid, past, memory, cross_batch)
         hidden = hidden + attn_out
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
         return hidden, new_kv
@@ -142,6 +147,7 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
     config: LongLlamaConfig
     base_model_prefix = "model"
     _no_split_modules = ["LongLlamaDecoderLayer"]
+    supports_gradient_checkpointing = True
     _skip_keys_device_placement = ["past_key_values"]
     # Checkpoints written by the original implementation also hold its rotary-embedding buffers.
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
@@ -187,6 +193,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(LongLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = LongLlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self):
@@ -205,6 +212,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         use_cache: bool | None = None,
         memory: Memory | None = None,
         last_context_length: int | None = None,
+        cross_batch_range: int | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """Run an input of any length.
@@ -217,6 +225,8 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             use_cache: keep the last tokens in a local cache and return it (default: `config.use_cache`).
             memory: the `Memory` to read and write; by default the cache's, else a new dense one.
             last_context_length: tokens at the end kept out of memory (default: the config's).
+            cross_batch_range: training mode of FoT: one window per row, no cache and no memory; memory
+                layers attend to the previous `cross_batch_range` rows of the batch instead (0: none).
         """
         _reject_unsupported(kwargs)
         config = self.config
@@ -235,14 +245,22 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             raise TypeError(f"past_key_values must be a LongLlamaCache returned by this model, got {type(cache).__name__}")
         if cache is not None and not use_cache:
             raise ValueError("past_key_values was given with use_cache=False; pass use_cache=True to continue a cache")
-        memory = _resolve_memory(memory, cache, config)
-        memory.check_batch(batch)
         valid = _padding_flags(attention_mask, batch, length, cache, embeds.device)
         positions = _positions(position_ids, batch, length, cache, embeds.device)
+        window = config.max_position_embeddings
+        if cross_batch_range is not None:
+            if cache is not None or memory is not None or length > window or cross_batch_range < 0:
+                raise ValueError(
+                    "cross_batch_range (training) needs inputs of at most one window "
+                    f"({window} tokens, got {length}), no past_key_values, no memory, and a range >= 0"
+                )
+            hidden, _ = self._forward_chunk(embeds, positions, valid, None, None, cross_batch_range)
+            return BaseModelOutputWithPast(last_hidden_state=hidden)
+        memory = _resolve_memory(memory, cache, config)
+        memory.check_batch(batch)
         if use_cache and cache is None:
             cache = LongLlamaCache(memory, config.num_hidden_layers)
 
-        window = config.max_position_embeddings
         to_memory = max(length - last, 0)
         chunks = [(s, min(s + window, to_memory)) for s in range(0, to_memory, window)] + [(to_memory, length)]
         hidden_out = []
@@ -267,12 +285,16 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             last_hidden_state=torch.cat(hidden_out, dim=1), past_key_values=cache if use_cache else None
         )
 
-    def _forward_chunk(self, embeds, positions, valid, cache, memory) -> tuple[torch.Tensor, list[KeyValue]]:
+    def _forward_chunk(self, embeds, positions, valid, cache, memory, cross_batch=0) -> tuple[torch.Tensor, list[KeyValue]]:
         """One chunk through every layer; returns final hidden states and each layer's new (k, v)."""
         hidden, new_kv = embeds, []
+        every = self.config.gradient_checkpoint_every_ith
         for idx, layer in enumerate(self.layers):
             past = cache.layer(idx) if cache is not None else None
-            hidden, kv = layer(hidden, positions, valid, past, memory)
+            if self.gradient_checkpointing and self.training and idx % every == 0:
+                hidden, kv = checkpoint(layer, hidden, positions, valid, past, memory, cross_batch, use_reentrant=False)
+            else:
+                hidden, kv = layer(hidden, positions, valid, past, memory, cross_batch)
             new_kv.append(kv)
         return self.norm(hidden), new_kv
 
@@ -327,6 +349,7 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         memory: Memory | None = None,
         last_context_length: int | None = None,
+        cross_batch_range: int | None = None,
         logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
@@ -341,6 +364,7 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             memory=memory,
             last_context_length=last_context_length,
+            cross_batch_range=cross_batch_range,
             **kwargs,
         )
         hidden = outputs.last_hidden_state

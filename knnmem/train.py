@@ -1,0 +1,332 @@
+"""Focused-Transformer training in PyTorch: cross-batch attention in memory layers, k-packed data.
+
+`train(TrainConfig(...), out_dir)` trains from scratch (a tokenizer is trained first) or fine-tunes
+`init_from` (a LongLLaMA or LLaMA checkpoint), writing to `out_dir`:
+
+    tokenizer/            SentencePiece model + Hugging Face files
+    checkpoint/           the latest checkpoint, Hugging Face layout, plus trainer_state.pt
+    metrics.jsonl         one record per logged step and per evaluation
+    loss.png              training and held-out loss, answer accuracy in the window and in memory
+
+Runs resume from `checkpoint/` bit-exactly: batches are a function of (seed, step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import LongLlamaConfig
+from .memory import Memory
+from .modeling import LongLlamaForCausalLM
+from .passkey import run_passkey
+from .synthetic import TEMPLATES
+from .training_data import LOCAL_ANSWER, MEMORY_ANSWER, TrainingData, stdlib_texts
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved with every checkpoint."""
+
+    # Model (ignored when fine-tuning `init_from`, except the memory fields).
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 4
+    window: int = 256
+    mem_layers: list[int] = field(default_factory=lambda: [3, 4])
+    mem_positionals: bool = False
+    init_from: str | None = None
+    # FoT.
+    cross_batch_range: int = 3
+    k_pack: int = 4
+    # Data.
+    rows: int = 16
+    synthetic_fraction: float = 0.8
+    reach_start: int = 400
+    reach_end: int = 100_000
+    curriculum_fraction: float = 0.4
+    real_chars: int = 6_000_000
+    seed: int = 0
+    # Optimisation.
+    steps: int = 2000
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    threads: int = 0
+    # Bookkeeping.
+    log_every: int = 10
+    eval_every: int = 200
+    save_every: int = 100
+    eval_batches: int = 4
+    passkey_length: int = 1024
+    passkey_trials: int = 4
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.steps < 1 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("need steps >= 1, warmup_steps >= 0 and min_lr_ratio in [0, 1]")
+        if self.cross_batch_range < 0 or self.cross_batch_range >= self.rows:
+            raise ValueError(f"cross_batch_range must lie in [0, rows), got {self.cross_batch_range} with {self.rows} rows")
+
+    def reach(self, progress: float) -> int:
+        """Curriculum: how far back (characters) synthetic questions look; grows geometrically over
+        the first `curriculum_fraction` of training, from inside one window to whole documents."""
+        ramp = min(progress / self.curriculum_fraction, 1.0) if self.curriculum_fraction > 0 else 1.0
+        return int(self.reach_start * (self.reach_end / self.reach_start) ** ramp)
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup, then cosine decay to `min_lr_ratio * lr`."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(self.steps - self.warmup_steps, 1)
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def tokenizer_texts(config: TrainConfig, real: str) -> list[str]:
+    """What the tokenizer is trained on: real text plus the synthetic templates' words and digits."""
+    from .synthetic import ATTRIBUTES, SYLLABLES, WORDS
+
+    extra = [" ".join(pair) for pair in TEMPLATES] + list(ATTRIBUTES) + list(WORDS) + ["".join(SYLLABLES)]
+    return real[: 3_000_000].split("\n") + extra * 50
+
+
+def build_model(config: TrainConfig, vocab_size: int) -> LongLlamaForCausalLM:
+    """A new model from the config's shape, or `init_from` (LongLLaMA or LLaMA) with the config's memory fields."""
+    memory_fields = dict(mem_layers=config.mem_layers, mem_positionals=config.mem_positionals,
+                         max_position_embeddings=config.window, last_context_length=config.window,
+                         torch_attention=True)
+    if config.init_from:
+        from transformers import AutoConfig
+
+        base = AutoConfig.from_pretrained(config.init_from)
+        fields = {k: v for k, v in base.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
+        model_config = LongLlamaConfig(**{**fields, **memory_fields})
+        return LongLlamaForCausalLM.from_pretrained(config.init_from, config=model_config, dtype=torch.float32)
+    model_config = LongLlamaConfig(
+        vocab_size=vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        mem_dtype="float32", **memory_fields,
+    )
+    torch.manual_seed(config.seed)
+    return LongLlamaForCausalLM(model_config)
+
+
+def answer_accuracy(logits: torch.Tensor, ids: torch.Tensor, answers: torch.Tensor) -> dict[str, float]:
+    """Accuracy of next-token predictions on answer tokens, split by where their source is."""
+    correct = logits[:, :-1].argmax(-1) == ids[:, 1:]
+    kinds = answers[:, 1:]
+    out = {}
+    for name, kind in (("acc_local", LOCAL_ANSWER), ("acc_memory", MEMORY_ANSWER)):
+        mask = kinds == kind
+        out[name] = float(correct[mask].float().mean()) if mask.any() else float("nan")
+    return out
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, out_dir: str | Path):
+        self.config, self.out = config, Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        real = "\n\n".join(text for _, text in stdlib_texts("train"))[: config.real_chars]
+        self.tokenizer = self._tokenizer(real)
+        self.data = TrainingData(
+            self.tokenizer, real, window=config.window, rows=config.rows, k_pack=config.k_pack,
+            synthetic_fraction=config.synthetic_fraction, reach=config.reach, seed=config.seed,
+        )
+        heldout = "\n\n".join(text for _, text in stdlib_texts("heldout"))
+        self.heldout = TrainingData(
+            self.tokenizer, heldout, window=config.window, rows=config.rows, k_pack=config.k_pack,
+            synthetic_fraction=0.0, reach=config.reach_end, seed=config.seed + 1,
+        )
+        self.model = build_model(config, len(self.tokenizer))
+        self.model.gradient_checkpointing = config.gradient_checkpointing
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.lr, betas=(0.9, 0.95), eps=1e-8,
+        )
+        self.step = 0
+        self._resume()
+
+    def _tokenizer(self, real: str):
+        from transformers import AutoTokenizer
+
+        from .tokenizer import train_tokenizer
+
+        path = self.out / "tokenizer"
+        if self.config.init_from:
+            return AutoTokenizer.from_pretrained(self.config.init_from)
+        if (path / "tokenizer.json").exists():
+            return AutoTokenizer.from_pretrained(str(path))
+        return train_tokenizer(tokenizer_texts(self.config, real), path, vocab_size=self.config.vocab_size)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out / "checkpoint"
+
+    def _resume(self) -> None:
+        state_path = self.checkpoint_dir / "trainer_state.pt"
+        if not state_path.exists():
+            return
+        state = torch.load(state_path, weights_only=False)
+        if state["config"] != dataclasses.asdict(self.config) | {"steps": state["config"]["steps"]}:
+            raise ValueError(f"{self.checkpoint_dir} was written by a run with another configuration; "
+                             "use a new output directory or the same configuration")
+        from safetensors.torch import load_file
+
+        self.model.load_state_dict(load_file(self.checkpoint_dir / "model.safetensors"), strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        self._truncate_metrics(self.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.out / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def _log(self, record: dict) -> None:
+        with (self.out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def save(self) -> None:
+        """Write the checkpoint atomically (a new directory renamed over the old one)."""
+        tmp = self.out / "checkpoint.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
+                    "config": dataclasses.asdict(self.config)}, tmp / "trainer_state.pt")
+        old = self.out / "checkpoint.old"
+        if self.checkpoint_dir.exists():
+            os.replace(self.checkpoint_dir, old)
+        os.replace(tmp, self.checkpoint_dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def loss_and_logits(self, batch, cross_batch_range: int | None = None):
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.dtype == "bfloat16")
+        with autocast:
+            out = self.model(input_ids=batch.input_ids, labels=batch.input_ids, use_cache=False,
+                             cross_batch_range=self.config.cross_batch_range if cross_batch_range is None
+                             else cross_batch_range)
+        return out.loss, out.logits
+
+    def train_step(self) -> dict:
+        config = self.config
+        batch = self.data.batch(self.step, progress=self.step / config.steps)
+        self.model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = config.lr_at(self.step)
+        loss, logits = self.loss_and_logits(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        return {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": config.lr_at(self.step - 1),
+                "reach": config.reach(self.step / config.steps),
+                **answer_accuracy(logits.detach(), batch.input_ids, batch.answers)}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out real-text loss; synthetic answer accuracy with and without cross-batch memory; pass keys."""
+        config = self.config
+        self.model.eval()
+        record = {}
+        losses = [float(self.loss_and_logits(self.heldout.batch(i, stream=1))[0]) for i in range(config.eval_batches)]
+        record["heldout_loss"] = float(np.mean(losses))
+        for label, distance in (("", None), ("_no_memory", 0)):
+            stats = []
+            for i in range(config.eval_batches):
+                batch = self.data.batch(i, stream=1)
+                _, logits = self.loss_and_logits(batch, distance)
+                stats.append(answer_accuracy(logits, batch.input_ids, batch.answers))
+            for key in stats[0]:
+                record[f"eval_{key}{label}"] = float(np.nanmean([s[key] for s in stats]))
+        if config.passkey_trials:
+            trials = run_passkey(self.model, self.tokenizer, config.passkey_length, trials=config.passkey_trials,
+                                 memory_factory=lambda: Memory.create(self.model, index="dense"))
+            record["passkey"] = float(np.mean([t.correct for t in trials]))
+        return record
+
+    def run(self) -> None:
+        config = self.config
+        bar = tqdm(total=config.steps, initial=self.step, desc="training", unit="step")
+        tokens_per_step = config.rows * config.window
+        window_start, window_stats = time.perf_counter(), []
+        while self.step < config.steps:
+            window_stats.append(self.train_step())
+            bar.update(1)
+            if self.step % config.log_every == 0 or self.step == config.steps:
+                elapsed = time.perf_counter() - window_start
+                record = {"step": self.step, "tokens": self.step * tokens_per_step,
+                          "tokens_per_s": len(window_stats) * tokens_per_step / elapsed}
+                for key in window_stats[0]:
+                    record[key] = float(np.nanmean([s[key] for s in window_stats]))
+                self._log(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", mem=f"{record['acc_memory']:.2f}",
+                                tok_s=f"{record['tokens_per_s']:.0f}")
+                window_start, window_stats = time.perf_counter(), []
+            if self.step % config.eval_every == 0 or self.step == config.steps:
+                self._log({"step": self.step, **self.evaluate()})
+                plot_metrics(self.out / "metrics.jsonl", self.out / "loss.png")
+                window_start = time.perf_counter()
+            if self.step % config.save_every == 0 or self.step == config.steps:
+                self.save()
+                window_start = time.perf_counter()
+        bar.close()
+
+
+def train(config: TrainConfig, out_dir: str | Path) -> LongLlamaForCausalLM:
+    """Train (or resume training) into `out_dir`; returns the trained model."""
+    trainer = Trainer(config, out_dir)
+    trainer.run()
+    return trainer.model
+
+
+def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> None:
+    """Loss curves (training, held-out) and answer accuracy (in the window, through memory, no memory)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+
+    steps_to_tokens = {r["step"]: r["tokens"] for r in records if "tokens" in r}
+    for key, label in (("loss", "training"), ("heldout_loss", "held-out real text")):
+        points = [(steps_to_tokens.get(r["step"], 0), r[key]) for r in records if key in r]
+        if points:
+            left.plot(*zip(*points), label=label)
+    left.set(xlabel="tokens", ylabel="cross-entropy", title="Loss")
+    left.legend()
+    for key, label in (("eval_acc_local", "fact in the window"), ("eval_acc_memory", "fact only in memory"),
+                       ("eval_acc_memory_no_memory", "fact only in memory, memory off"), ("passkey", "pass key")):
+        points = [(steps_to_tokens.get(r["step"], 0), r[key]) for r in records if key in r]
+        if points:
+            right.plot(*zip(*points), marker="o", label=label)
+    right.set(xlabel="tokens", ylabel="accuracy", title="Answer accuracy (held-out batches)", ylim=(0, 1))
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
