@@ -115,8 +115,17 @@ def build_model(config: TrainConfig, vocab_size: int) -> LongLlamaForCausalLM:
     if config.init_from:
         from transformers import AutoConfig
 
-        base = AutoConfig.from_pretrained(config.init_from)
-        fields = {k: v for k, v in base.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
+        base = AutoConfig.from_pretrained(config.init_from).to_dict()
+        head_dim = base.pop("head_dim", None)
+        if head_dim is not None and head_dim * base["num_attention_heads"] != base["hidden_size"]:
+            raise ValueError(f"{config.init_from}: head_dim {head_dim} is not hidden_size / num_attention_heads, "
+                             "which LongLLaMA requires")
+        rope = base.pop("rope_parameters", None) or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"{config.init_from}: rope type {rope['rope_type']!r} is not supported; LongLLaMA "
+                             "uses plain rotary embeddings")
+        base.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+        fields = {k: v for k, v in base.items() if k not in ("model_type", "architectures", "auto_map")}
         model_config = LongLlamaConfig(**{**fields, **memory_fields})
         return LongLlamaForCausalLM.from_pretrained(config.init_from, config=model_config, dtype=torch.float32)
     model_config = LongLlamaConfig(
@@ -261,7 +270,7 @@ class Trainer:
                 _, logits = self.loss_and_logits(batch, distance)
                 stats.append(answer_accuracy(logits, batch.input_ids, batch.answers))
             for key in stats[0]:
-                record[f"eval_{key}{label}"] = float(np.nanmean([s[key] for s in stats]))
+                record[f"eval_{key}{label}"] = _nanmean([s[key] for s in stats])
         if config.passkey_trials:
             trials = run_passkey(self.model, self.tokenizer, config.passkey_length, trials=config.passkey_trials,
                                  memory_factory=lambda: Memory.create(self.model, index="dense"))
@@ -281,7 +290,7 @@ class Trainer:
                 record = {"step": self.step, "tokens": self.step * tokens_per_step,
                           "tokens_per_s": len(window_stats) * tokens_per_step / elapsed}
                 for key in window_stats[0]:
-                    record[key] = float(np.nanmean([s[key] for s in window_stats]))
+                    record[key] = _nanmean([s[key] for s in window_stats])
                 self._log(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", mem=f"{record['acc_memory']:.2f}",
                                 tok_s=f"{record['tokens_per_s']:.0f}")
@@ -294,6 +303,11 @@ class Trainer:
                 self.save()
                 window_start = time.perf_counter()
         bar.close()
+
+
+def _nanmean(values: list[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return float(np.mean(kept)) if kept else float("nan")
 
 
 def train(config: TrainConfig, out_dir: str | Path) -> LongLlamaForCausalLM:
