@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test
+.PHONY: install test demo
 
 # CPU build of torch first: a bare `torch` requirement would pull several GB of CUDA packages.
 $(BIN)/python:
@@ -15,3 +15,7 @@ install: $(BIN)/python
 
 test: install
 	$(BIN)/python -m pytest
+
+# Index the embedded corpus with the shipped model, persist and reload it, answer questions from it.
+demo: install
+	$(BIN)/knnmem demo --model model --out indexes/demo

@@ -16,7 +16,6 @@ import json
 import time
 from pathlib import Path
 
-import faiss
 import torch
 from common import demo_model, rss_bytes, stdlib_documents
 
@@ -49,17 +48,6 @@ def label(spec: str, params: dict) -> str:
     return spec + "".join(f" {name}={value}" for name, value in params.items())
 
 
-def memory_bytes(memory: knnmem.Memory) -> int:
-    total = 0
-    for layer in memory.layers:
-        backend = memory.layer(layer)
-        buffer = backend.buffer
-        total += buffer.keys.nbytes + buffer.values.nbytes + buffer.valid.nbytes
-        for row in getattr(backend, "_rows", []):
-            total += sum(faiss.serialize_index(index).nbytes for index in row)
-    return total
-
-
 @torch.no_grad()
 def measure(model, memory: ProbedMemory, params: dict, prompt: torch.Tensor, decode_steps: int) -> dict:
     """Quality, prefill and decode of one operating point; `memory` is read, never written."""
@@ -83,7 +71,7 @@ def measure(model, memory: ProbedMemory, params: dict, prompt: torch.Tensor, dec
     return dict(
         index=label(memory.index + ("+l2" if memory.l2_reduction else ""), params), memory_tokens=len(memory), k=None if memory.index == "dense" else memory.k,
         decode_ms=1000 * sorted(steps)[len(steps) // 2], prefill_tok_s=prompt.shape[1] / min(timings),
-        recall=quality.recall, mass=quality.mass_captured, bytes_per_token=memory_bytes(memory) / len(memory),
+        recall=quality.recall, mass=quality.mass_captured, bytes_per_token=memory.nbytes / len(memory),
     )
 
 

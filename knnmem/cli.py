@@ -40,6 +40,161 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
                             help=f"(default: {default})")
 
 
+def parse_tokens(text: str) -> int:
+    """'4096', '4k' (4096) or '1M' (1048576) as a number of tokens."""
+    units = {"k": 1 << 10, "m": 1 << 20}
+    body, unit = (text[:-1], units[text[-1].lower()]) if text and text[-1].lower() in units else (text, 1)
+    try:
+        value = int(float(body) * unit)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a token count like 4096, 4k or 1M, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"token counts must be positive, got {text!r}")
+    return value
+
+
+def parse_token_list(text: str) -> list[int]:
+    return [parse_tokens(part.strip()) for part in text.split(",") if part.strip()]
+
+
+def load_model(path: str):
+    """The model and tokenizer saved in directory `path`."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from .modeling import LongLlamaForCausalLM
+
+    if not (Path(path) / "config.json").is_file():
+        raise UsageError(f"{path} is not a model directory (no config.json)")
+    model = LongLlamaForCausalLM.from_pretrained(path).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def check_spec(spec: str) -> str:
+    """`spec` if it names a memory backend (dense, torch or a Faiss factory string)."""
+    import faiss
+
+    from .memory import BACKENDS
+
+    if spec not in BACKENDS:
+        try:
+            faiss.index_factory(8, spec, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError:
+            raise UsageError(f"unknown index spec {spec!r}: use dense, torch or a Faiss factory string "
+                             "such as Flat, HNSW32 or IVF1024,Flat") from None
+    return spec
+
+
+def cmd_index(args) -> None:
+    from .memory import index_corpus
+
+    model, tokenizer = load_model(args.model)
+    memory = index_corpus(model, tokenizer, args.corpus, path=args.out, index=check_spec(args.index), k=args.k,
+                          include=args.include, text_field=args.text_field)
+    print(f"indexed {len(memory.documents)} documents, {len(memory):,} tokens into {args.out} ({args.index}, k={args.k})")
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from .explain import explain_generation
+    from .memory import Memory
+
+    model, tokenizer = load_model(args.model)
+    memory = Memory.load(args.memory, model=model)
+    if args.k:
+        memory.k = args.k
+    if not args.explain:
+        ids = torch.tensor([tokenizer(args.prompt)["input_ids"]])
+        out = model.generate(ids, memory=memory, max_new_tokens=args.max_new_tokens, do_sample=False)
+        print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        return
+    explanation = explain_generation(model, tokenizer, memory, args.prompt, max_new_tokens=args.max_new_tokens)
+    print(explanation.answer)
+    print("\nmost attended stored passages over the answer:")
+    for p in explanation.overall:
+        print(f"  {p.weight:.3f}  {p.document} @ token {p.position}: {p.text}")
+    print("\nper generated token (top passage):")
+    for token, passages in zip(explanation.tokens, explanation.per_token):
+        top = passages[0] if passages else None
+        where = f"{top.document} @ {top.position}: {top.text}" if top else "(no memory)"
+        print(f"  {token!r:>10}  {top.weight if top else 0:.3f}  {where}")
+
+
+def cmd_info(args) -> None:
+    from . import store
+
+    manifest = store.read_manifest(args.store)
+    fields = ("format_version", "generation", "index", "k", "layers", "num_heads", "head_dim", "dtype", "entries")
+    for field in fields:
+        if field in manifest:
+            print(f"{field:>15}: {manifest[field]}")
+    print(f"{'options':>15}: {manifest['options']}")
+    sizes = sum(record["bytes"] for record in manifest["files"].values())
+    print(f"{'bytes on disk':>15}: {sizes:,} ({sizes / max(manifest['entries'], 1):,.0f} per entry)")
+    print(f"{'documents':>15}: {len(manifest['documents'])}")
+    for doc in manifest["documents"][: args.documents]:
+        print(f"  #{doc['id']:<5} {doc['end'] - doc['start']:>9,} tokens  {doc['name']}")
+    if len(manifest["documents"]) > args.documents:
+        print(f"  ... {len(manifest['documents']) - args.documents} more")
+
+
+def cmd_compare(args) -> None:
+    from pathlib import Path
+
+    import torch
+
+    from .compare import compare_memories, markdown_table, write_report
+    from .memory import Memory
+
+    model, tokenizer = load_model(args.model)
+    specs = [check_spec(s) for s in args.index]
+    base = Memory.load(args.memory, model=model) if args.memory else None
+    if args.text:
+        text = Path(args.text).read_text(encoding="utf-8", errors="replace")
+    elif base is not None:
+        text = args.queries
+    else:
+        raise UsageError("give --text FILE (read with each memory) or --memory STORE")
+    ids = tokenizer(text)["input_ids"][: args.max_tokens]
+    rows = compare_memories(model, torch.tensor([ids]), specs, ks=args.k, base=base)
+    print(markdown_table(rows))
+    if args.report:
+        for path in write_report(rows, args.report):
+            print(f"wrote {path}")
+
+
+def cmd_passkey(args) -> None:
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from .passkey import passkey_sweep, passkey_table, plot_passkey
+
+    model, tokenizer = load_model(args.model)
+    results = passkey_sweep(model, tokenizer, args.lengths, index=check_spec(args.index), k=args.k,
+                            exact_up_to=args.exact_up_to, trials=args.trials, seed=args.seed)
+    print(passkey_table(results))
+    if args.report:
+        report = Path(args.report)
+        report.mkdir(parents=True, exist_ok=True)
+        (report / "passkey.json").write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+        plot_passkey(results, report / "passkey.png")
+        print(f"wrote {report / 'passkey.json'} and {report / 'passkey.png'}")
+
+
+def cmd_demo(args) -> None:
+    from pathlib import Path
+
+    from .demo import run_demo
+
+    if not (Path(args.model) / "config.json").is_file():
+        raise UsageError(f"{args.model} is not a model directory (no config.json)")
+    run_demo(args.model, args.out, index=check_spec(args.index), k=args.k,
+             compare_specs=[check_spec(s) for s in args.compare])
+
+
 def cmd_train(args) -> None:
     from .train import TrainConfig, train
 
@@ -52,10 +207,67 @@ def cmd_train(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .memory import DEFAULT_INDEX, DEFAULT_K
     from .train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="knnmem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("index", help="encode a corpus into a memory store")
+    p.add_argument("corpus", nargs="+", help="text files, folders of them, or JSONL files")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--out", required=True, help="store directory to write, e.g. indexes/NAME")
+    p.add_argument("--index", default=DEFAULT_INDEX, help=f"dense, torch or a Faiss factory string (default {DEFAULT_INDEX})")
+    p.add_argument("--k", type=int, default=DEFAULT_K, help=f"entries retrieved per query and head (default {DEFAULT_K})")
+    p.add_argument("--include", default="*.txt", help="file pattern inside folders (default *.txt)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default text)")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("generate", help="generate from a prompt with a stored memory")
+    p.add_argument("--model", required=True)
+    p.add_argument("--memory", required=True, help="store directory written by `knnmem index`")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--k", type=int, default=None, help="override the store's k")
+    p.add_argument("--explain", action="store_true", help="list the stored passages the memory layers attended to")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("compare", help="exact dense memory against index specs on the same input")
+    p.add_argument("--model", required=True)
+    p.add_argument("--memory", help="store whose entries every memory starts with")
+    p.add_argument("--text", help="text file the model reads with each memory")
+    p.add_argument("--queries", default="What is the pass key? The pass key is",
+                   help="text read against --memory when no --text is given")
+    p.add_argument("--index", action="append", required=True, help="index spec to compare (repeatable)")
+    p.add_argument("--k", type=_parse_int_list, default=[DEFAULT_K], help="k values, comma-separated")
+    p.add_argument("--max-tokens", type=parse_tokens, default=1 << 16, help="read at most this many tokens")
+    p.add_argument("--report", help="directory for comparison.json and plots")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("passkey", help="pass-key retrieval accuracy per prompt length")
+    p.add_argument("--model", required=True)
+    p.add_argument("--lengths", type=parse_token_list, default=parse_token_list("4k,16k,64k"))
+    p.add_argument("--index", default=DEFAULT_INDEX)
+    p.add_argument("--k", type=int, default=DEFAULT_K)
+    p.add_argument("--exact-up-to", type=parse_tokens, default=1 << 16, help="also run dense memory up to this length")
+    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report", help="directory for passkey.json and passkey.png")
+    p.set_defaults(func=cmd_passkey)
+
+    p = sub.add_parser("info", help="describe a memory store")
+    p.add_argument("store")
+    p.add_argument("--documents", type=int, default=20, help="documents to list")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="index the embedded corpus, reload it and answer questions from it")
+    p.add_argument("--model", default="model", help="model directory (default: the shipped model/)")
+    p.add_argument("--out", default="indexes/demo", help="store directory (default indexes/demo)")
+    p.add_argument("--index", default=DEFAULT_INDEX)
+    p.add_argument("--k", type=int, default=DEFAULT_K)
+    p.add_argument("--compare", nargs="+", default=["Flat", DEFAULT_INDEX, "IVF64,Flat"],
+                   help="index specs compared with exact memory at the end")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train a LongLLaMA model with FoT cross-batch attention (resumable)")
     p.add_argument("--out", required=True, help="run directory: tokenizer, checkpoint, metrics, loss plot")
@@ -68,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (UsageError, FileNotFoundError) as e:
+    except (UsageError, FileNotFoundError, ValueError) as e:  # StoreError is a ValueError
         print(f"knnmem {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -94,6 +94,10 @@ class FaissMemory:
         self.search_params: dict = {}
         self.set_search_params(**(search_params or {}))  # validates names before any entry arrives
 
+    def index_bytes(self) -> int:
+        """Bytes of every index of this layer, serialized."""
+        return sum(faiss.serialize_index(index).nbytes for row in self._rows for index in row)
+
     def __len__(self) -> int:
         return len(self.buffer)
 

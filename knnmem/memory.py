@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 # Index specs served by torch; any other spec is a Faiss factory string.
 BACKENDS = {"dense": DenseMemory, "torch": TorchTopKMemory}
 DEFAULT_K = 128
+DEFAULT_INDEX = "HNSW32"  # for stores and the command line: no training, incremental, good recall at k=128
 
 
 class Memory:
@@ -250,6 +251,19 @@ class Memory:
 
     def __len__(self) -> int:
         return self.stored_entries + (len(self.overlay) if self.overlay is not None else 0)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored keys, values and indexes of every layer and row (overlay excluded)."""
+        total = 0
+        for backend in self._backends.values():
+            buffer = backend.buffer
+            if not len(buffer):
+                continue
+            total += buffer.keys.nbytes + buffer.values.nbytes + buffer.valid.nbytes
+            if isinstance(backend, FaissMemory):
+                total += backend.index_bytes()
+        return total
 
     @property
     def stored_entries(self) -> int:

@@ -70,3 +70,53 @@ def run_passkey(model, tokenizer, length: int, *, trials: int, memory_factory, s
         correct = number is not None and number.group() == str(pass_key)
         results.append(PasskeyTrial(ids.shape[1], depth, pass_key, answer, correct, time.perf_counter() - start))
     return results
+
+
+@dataclass
+class PasskeyResult:
+    length: int
+    memory: str  # "dense" or an index spec
+    accuracy: float
+    trials: int
+    seconds_per_trial: float
+
+
+def passkey_sweep(model, tokenizer, lengths: list[int], *, index: str, k: int, exact_up_to: int, trials: int,
+                  seed: int = 0) -> list[PasskeyResult]:
+    """Pass-key accuracy per length with dense memory (lengths up to `exact_up_to`) and with `index`."""
+    from .memory import Memory
+
+    results = []
+    for length in lengths:
+        for spec in (["dense"] if length <= exact_up_to else []) + [index]:
+            options = {} if spec == "dense" else {"k": k}
+            done = run_passkey(model, tokenizer, length, trials=trials, seed=seed,
+                               memory_factory=lambda: Memory.create(model, index=spec, **options))
+            results.append(PasskeyResult(length, spec, float(np.mean([t.correct for t in done])), trials,
+                                         float(np.mean([t.seconds for t in done]))))
+    return results
+
+
+def passkey_table(results: list[PasskeyResult]) -> str:
+    lines = ["| memory | tokens | accuracy | trials | s/trial |", "|---|---|---|---|---|"]
+    lines += [f"| {r.memory} | {r.length:,} | {100 * r.accuracy:.0f}% | {r.trials} | {r.seconds_per_trial:.1f} |"
+              for r in results]
+    return "\n".join(lines)
+
+
+def plot_passkey(results: list[PasskeyResult], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for spec in dict.fromkeys(r.memory for r in results):
+        points = [(r.length, 100 * r.accuracy) for r in results if r.memory == spec]
+        ax.plot(*zip(*points), marker="o", label=spec)
+    ax.set(xscale="log", xlabel="prompt tokens", ylabel="pass keys retrieved (%)", ylim=(-5, 105),
+           title="Pass-key retrieval")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

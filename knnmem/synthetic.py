@@ -101,7 +101,7 @@ def retrieval_document(
             start = emit(prefix) + len(prefix)
             emit(val + "\n")
             spans.append(Span((start, start + len(val)), source))
-        elif draw < 0.55:
+        elif draw < 0.5:
             template = int(rng.integers(len(TEMPLATES)))
             name, attr, val = entity(rng), str(rng.choice(ATTRIBUTES)), value(rng)
             if name in used:
@@ -110,7 +110,7 @@ def retrieval_document(
             text = TEMPLATES[template][0].format(a=attr, e=name, v=val)
             start = emit(text + "\n") + text.index(val)
             facts.append((template, (start, start + len(val)), name, attr, val))
-        elif draw < 0.6:
+        elif draw < 0.65:
             tag = entity(rng)
             seq = " ".join(value(rng) for _ in range(int(rng.integers(3, 9))))
             source = emit(f"Sequence {tag}: ") + len(f"Sequence {tag}: ")

@@ -54,6 +54,7 @@ class TrainConfig:
     # Data.
     rows: int = 16
     synthetic_fraction: float = 0.8
+    answer_weight: float = 4.0
     reach_start: int = 400
     reach_end: int = 100_000
     curriculum_fraction: float = 0.4
@@ -232,12 +233,17 @@ class Trainer:
         shutil.rmtree(old, ignore_errors=True)
 
     def loss_and_logits(self, batch, cross_batch_range: int | None = None):
+        """Next-token cross-entropy, answer tokens weighted `answer_weight` times, and the logits."""
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.dtype == "bfloat16")
         with autocast:
-            out = self.model(input_ids=batch.input_ids, labels=batch.input_ids, use_cache=False,
-                             cross_batch_range=self.config.cross_batch_range if cross_batch_range is None
-                             else cross_batch_range)
-        return out.loss, out.logits
+            logits = self.model(input_ids=batch.input_ids, use_cache=False,
+                                cross_batch_range=self.config.cross_batch_range if cross_batch_range is None
+                                else cross_batch_range).logits
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), batch.input_ids[:, 1:].flatten(), reduction="none"
+        )
+        weights = 1.0 + (self.config.answer_weight - 1.0) * (batch.answers[:, 1:].flatten() != 0).float()
+        return (losses * weights).sum() / weights.sum(), logits
 
     def train_step(self) -> dict:
         config = self.config
