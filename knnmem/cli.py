@@ -62,9 +62,11 @@ def load_model(path: str):
     from pathlib import Path
 
     from transformers import AutoTokenizer
+    from transformers.utils import logging
 
     from .modeling import LongLlamaForCausalLM
 
+    logging.disable_progress_bar()  # weight loading takes a moment; its bar would only clutter the output
     if not (Path(path) / "config.json").is_file():
         raise UsageError(f"{path} is not a model directory (no config.json)")
     model = LongLlamaForCausalLM.from_pretrained(path).eval()
@@ -89,8 +91,9 @@ def check_spec(spec: str) -> str:
 def cmd_index(args) -> None:
     from .memory import index_corpus
 
+    spec = check_spec(args.index)
     model, tokenizer = load_model(args.model)
-    memory = index_corpus(model, tokenizer, args.corpus, path=args.out, index=check_spec(args.index), k=args.k,
+    memory = index_corpus(model, tokenizer, args.corpus, path=args.out, index=spec, k=args.k,
                           include=args.include, text_field=args.text_field)
     print(f"indexed {len(memory.documents)} documents, {len(memory):,} tokens into {args.out} ({args.index}, k={args.k})")
 
@@ -148,8 +151,8 @@ def cmd_compare(args) -> None:
     from .compare import compare_memories, markdown_table, write_report
     from .memory import Memory
 
-    model, tokenizer = load_model(args.model)
     specs = [check_spec(s) for s in args.index]
+    model, tokenizer = load_model(args.model)
     base = Memory.load(args.memory, model=model) if args.memory else None
     if args.text:
         text = Path(args.text).read_text(encoding="utf-8", errors="replace")
@@ -172,8 +175,9 @@ def cmd_passkey(args) -> None:
 
     from .passkey import passkey_sweep, passkey_table, plot_passkey
 
+    spec = check_spec(args.index)
     model, tokenizer = load_model(args.model)
-    results = passkey_sweep(model, tokenizer, args.lengths, index=check_spec(args.index), k=args.k,
+    results = passkey_sweep(model, tokenizer, args.lengths, index=spec, k=args.k,
                             exact_up_to=args.exact_up_to, trials=args.trials, seed=args.seed)
     print(passkey_table(results))
     if args.report:

@@ -1,0 +1,120 @@
+"""The command line end to end on a tiny model: every command works, bad input gives one clear line."""
+
+import json
+
+import pytest
+import torch
+
+import knnmem
+from knnmem.cli import main, parse_tokens
+from knnmem.tokenizer import train_tokenizer
+from knnmem.training_data import stdlib_texts
+
+from conftest import sharp_model, tiny_config
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    text = "\n".join(t for _, t in stdlib_texts("train")[:30])
+    tokenizer = train_tokenizer(text.splitlines(), path, vocab_size=600)
+    config = tiny_config(vocab_size=len(tokenizer), max_position_embeddings=16, last_context_length=16)
+    sharp_model(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    for i, (_, text) in enumerate(stdlib_texts("heldout")[:3]):
+        (folder / f"doc{i}.txt").write_text(text[:1500])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def store(model_dir, corpus, tmp_path_factory):
+    path = tmp_path_factory.mktemp("indexes") / "docs"
+    assert main(["index", str(corpus), "--model", str(model_dir), "--out", str(path), "--index", "Flat", "--k", "8"]) == 0
+    return path
+
+
+def test_index_and_info(store, capsys):
+    assert main(["info", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "Flat" in out and "doc0.txt" in out and "documents:" in out.replace(" ", "")
+
+
+def test_generate_with_explain_names_stored_passages(model_dir, store, capsys):
+    assert main(["generate", "--model", str(model_dir), "--memory", str(store), "--prompt", "def main(",
+                 "--max-new-tokens", "3", "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "most attended stored passages" in out
+    assert "doc" in out and "@ token" in out  # passages are named by document and position
+
+
+def test_generate_matches_library_generation(model_dir, store, capsys):
+    assert main(["generate", "--model", str(model_dir), "--memory", str(store), "--prompt", "import os",
+                 "--max-new-tokens", "4"]) == 0
+    printed = capsys.readouterr().out.strip()
+    model = knnmem.LongLlamaForCausalLM.from_pretrained(model_dir).eval()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = torch.tensor([tokenizer("import os")["input_ids"]])
+    out = model.generate(ids, memory=knnmem.Memory.load(store, model=model), max_new_tokens=4, do_sample=False)
+    assert printed == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_compare_writes_table_json_and_plots(model_dir, corpus, tmp_path, capsys):
+    report = tmp_path / "report"
+    assert main(["compare", "--model", str(model_dir), "--text", str(corpus / "doc0.txt"), "--index", "Flat",
+                 "--index", "HNSW32", "--k", "4,64", "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "| dense | all | 1.000 |" in out
+    rows = json.loads((report / "comparison.json").read_text())
+    assert [(r["index"], r["k"]) for r in rows] == [("dense", None), ("Flat", 4), ("Flat", 64), ("HNSW32", 4),
+                                                    ("HNSW32", 64)]
+    flat4, flat64 = rows[1], rows[2]
+    assert flat4["recall"] > 0.99  # Flat is exact top-k
+    assert flat64["output_rel_error"] < flat4["output_rel_error"]  # more entries, closer to dense
+    assert (report / "recall_vs_speed.png").stat().st_size > 0 and (report / "error_vs_k.png").stat().st_size > 0
+
+
+def test_passkey_reports_each_length_and_memory(model_dir, tmp_path, capsys):
+    assert main(["passkey", "--model", str(model_dir), "--lengths", "100,200", "--exact-up-to", "100",
+                 "--index", "Flat", "--trials", "2", "--report", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "passkey.json").read_text())
+    assert [(r["length"], r["memory"]) for r in results] == [(100, "dense"), (100, "Flat"), (200, "Flat")]
+    assert (tmp_path / "passkey.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["info", "/no/such/store"], "not a knnmem store"),
+        (["generate", "--model", "/no/such/model", "--memory", "x", "--prompt", "p"], "not a model directory"),
+        (["passkey", "--model", "MODEL", "--index", "NoSuchIndex"], "unknown index spec"),
+        (["index", "/no/such/corpus", "--model", "MODEL", "--out", "OUT"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_clear_line(argv, message, model_dir, tmp_path, capsys):
+    argv = [str(model_dir) if a == "MODEL" else str(tmp_path / "o") if a == "OUT" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_store_of_another_model_is_refused(store, model_dir, tmp_path, capsys):
+    other = tmp_path / "other"
+    model = knnmem.LongLlamaForCausalLM.from_pretrained(model_dir)
+    sharp_model(model.config, seed=5).save_pretrained(other)
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        (other / name).write_bytes((model_dir / name).read_bytes())
+    assert main(["generate", "--model", str(other), "--memory", str(store), "--prompt", "x"]) == 2
+    assert "different model" in capsys.readouterr().err
+
+
+def test_token_counts_parse():
+    assert parse_tokens("4k") == 4096 and parse_tokens("1M") == 1 << 20 and parse_tokens("300") == 300
+    with pytest.raises(Exception, match="token count"):
+        parse_tokens("lots")
