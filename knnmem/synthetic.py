@@ -3,7 +3,7 @@
 Each document interleaves statements ("The locker code of Varo Mekin is 40817."), filler passages
 and questions whose answer is the value of an earlier statement, in many templates, so that the only
 way to predict an answer is to find the statement again, possibly many windows back. Copy tasks
-(a sequence to repeat later) are mixed in. Everything is drawn from a `numpy` generator: a seed fixes
+(a sequence to repeat, up to three times) are mixed in. Everything is drawn from a `numpy` generator: a seed fixes
 the documents.
 """
 
@@ -110,18 +110,18 @@ def retrieval_document(
             text = TEMPLATES[template][0].format(a=attr, e=name, v=val)
             start = emit(text + "\n") + text.index(val)
             facts.append((template, (start, start + len(val)), name, attr, val))
-        elif draw < 0.65:
+        elif draw < 0.8:
+            # A sequence repeated one to three times: plain copying, the simplest retrieval there is.
             tag = entity(rng)
-            seq = " ".join(value(rng) for _ in range(int(rng.integers(3, 9))))
+            seq = " ".join(value(rng) for _ in range(int(rng.integers(3, 13))))
             source = emit(f"Sequence {tag}: ") + len(f"Sequence {tag}: ")
             emit(seq + ".\n")
-            facts.append((-1, (source, source + len(seq)), tag, "", seq))
-            prefix = f"Repeat sequence {tag}: "
-            emit(filler(int(rng.integers(1, min(max_gap, reach) + 1))) + "\n")
-            start = emit(prefix) + len(prefix)
-            emit(seq + ".\n")
-            spans.append(Span((start, start + len(seq)), (source, source + len(seq))))
-            facts.pop()
+            for _ in range(int(rng.integers(1, 4))):
+                emit(filler(int(rng.integers(1, min(max_gap, reach) + 1))) + "\n")
+                prefix = f"Repeat sequence {tag}: "
+                start = emit(prefix) + len(prefix)
+                emit(seq + ".\n")
+                spans.append(Span((start, start + len(seq)), (source, source + len(seq))))
         else:
             emit(filler(int(rng.integers(1, max_gap + 1))) + "\n")
     return "".join(parts), spans

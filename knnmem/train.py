@@ -46,14 +46,14 @@ class TrainConfig:
     num_attention_heads: int = 4
     window: int = 256
     mem_layers: list[int] = field(default_factory=lambda: [3, 4])
-    mem_positionals: bool = False
+    mem_positionals: bool = True
     init_from: str | None = None
     # FoT.
     cross_batch_range: int = 3
     k_pack: int = 4
     # Data.
     rows: int = 16
-    synthetic_fraction: float = 0.8
+    synthetic_fraction: float = 0.9
     answer_weight: float = 4.0
     reach_start: int = 400
     reach_end: int = 100_000
