@@ -62,12 +62,12 @@ def measure(model, memory: ProbedMemory, params: dict, prompt: torch.Tensor, dec
         start = time.perf_counter()
         out = model(input_ids=prompt, memory=memory, use_cache=True)
         timings.append(time.perf_counter() - start)
-    cache, token, steps = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+    cache, token, steps = out.cache, out.logits[:, -1:].argmax(-1), []
     for _ in range(decode_steps):
         start = time.perf_counter()
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, cache=cache, use_cache=True)
         steps.append(time.perf_counter() - start)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
     return dict(
         index=label(memory.index + ("+l2" if memory.l2_reduction else ""), params), memory_tokens=len(memory), k=None if memory.index == "dense" else memory.k,
         decode_ms=1000 * sorted(steps)[len(steps) // 2], prefill_tok_s=prompt.shape[1] / min(timings),

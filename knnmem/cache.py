@@ -15,7 +15,7 @@ from .memory import Memory
 class LongLlamaCache:
     """Keys/values (unrotated) of recent tokens per layer with their absolute positions and padding flags.
 
-    Returned as `past_key_values` by the model and passed back by `generate`. It also carries the
+    Returned as `cache` by the model and passed back by `generate`. It also carries the
     `Memory` those tokens overflow into, so a generation keeps one memory from prompt to last token.
     """
 

@@ -28,7 +28,7 @@ class LongLlamaConfig(PretrainedConfig):
     """
 
     model_type = "longllama"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache"]
 
     vocab_size: int = 32000
     hidden_size: int = 4096

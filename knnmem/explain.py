@@ -102,14 +102,14 @@ def explain_generation(model, tokenizer, memory: Memory, prompt: str, *, max_new
     if len(ids) > 1:
         probe.recording = False
         past = model(input_ids=torch.tensor([ids[:-1]], device=device), memory=probe, use_cache=True,
-                     logits_to_keep=1).past_key_values
+                     logits_to_keep=1).cache
         probe.recording = True
     step_ids = torch.tensor([ids[-1:]], device=device)
     generated, per_token, overall = [], [], defaultdict(float)
     for _ in range(max_new_tokens):
-        out = model(input_ids=step_ids, past_key_values=past, memory=probe, use_cache=True,
+        out = model(input_ids=step_ids, cache=past, memory=probe, use_cache=True,
                     logits_to_keep=1)
-        weights, past = probe.take(), out.past_key_values
+        weights, past = probe.take(), out.cache
         token = int(out.logits[0, -1].argmax())
         if token == tokenizer.eos_token_id:
             break

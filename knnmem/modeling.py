@@ -148,7 +148,7 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["LongLlamaDecoderLayer"]
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     # Checkpoints written by the original implementation also hold its rotary-embedding buffers.
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
 
@@ -207,7 +207,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: LongLlamaCache | None = None,
+        cache: LongLlamaCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         memory: Memory | None = None,
@@ -221,13 +221,14 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             input_ids: (B, L) token ids (or `inputs_embeds` (B, L, C)).
             attention_mask: (B, L) or (B, tokens already seen + L); 0 marks padding.
             position_ids: (B, L) absolute positions; by default they continue from the cache.
-            past_key_values: a `LongLlamaCache` from an earlier call (generation).
+            cache: a `LongLlamaCache` from an earlier call (generation; `past_key_values` is an alias).
             use_cache: keep the last tokens in a local cache and return it (default: `config.use_cache`).
             memory: the `Memory` to read and write; by default the cache's, else a new dense one.
             last_context_length: tokens at the end kept out of memory (default: the config's).
             cross_batch_range: training mode of FoT: one window per row, no cache and no memory; memory
                 layers attend to the previous `cross_batch_range` rows of the batch instead (0: none).
         """
+        cache = _cache_argument(cache, kwargs)
         _reject_unsupported(kwargs)
         config = self.config
         if (input_ids is None) == (inputs_embeds is None):
@@ -240,11 +241,10 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         last = check_last_context_length(
             config.last_context_length if last_context_length is None else last_context_length
         )
-        cache = past_key_values
         if cache is not None and not isinstance(cache, LongLlamaCache):
-            raise TypeError(f"past_key_values must be a LongLlamaCache returned by this model, got {type(cache).__name__}")
+            raise TypeError(f"cache must be a LongLlamaCache returned by this model, got {type(cache).__name__}")
         if cache is not None and not use_cache:
-            raise ValueError("past_key_values was given with use_cache=False; pass use_cache=True to continue a cache")
+            raise ValueError("cache was given with use_cache=False; pass use_cache=True to continue a cache")
         valid = _padding_flags(attention_mask, batch, length, cache, embeds.device)
         positions = _positions(position_ids, batch, length, cache, embeds.device)
         window = config.max_position_embeddings
@@ -252,7 +252,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             if cache is not None or memory is not None or length > window or cross_batch_range < 0:
                 raise ValueError(
                     "cross_batch_range (training) needs inputs of at most one window "
-                    f"({window} tokens, got {length}), no past_key_values, no memory, and a range >= 0"
+                    f"({window} tokens, got {length}), no cache, no memory, and a range >= 0"
                 )
             hidden, _ = self._forward_chunk(embeds, positions, valid, None, None, cross_batch_range)
             return BaseModelOutputWithPast(last_hidden_state=hidden)
@@ -282,7 +282,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         if cache is not None:
             cache.seen_tokens += length
         return BaseModelOutputWithPast(
-            last_hidden_state=torch.cat(hidden_out, dim=1), past_key_values=cache if use_cache else None
+            last_hidden_state=torch.cat(hidden_out, dim=1), cache=cache if use_cache else None
         )
 
     def _forward_chunk(self, embeds, positions, valid, cache, memory, cross_batch=0) -> tuple[torch.Tensor, list[KeyValue]]:
@@ -343,7 +343,7 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: LongLlamaCache | None = None,
+        cache: LongLlamaCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -359,7 +359,7 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=_cache_argument(cache, kwargs),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             memory=memory,
@@ -378,7 +378,15 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
             loss = nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1).to(logits.device)
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+
+
+def _cache_argument(cache: LongLlamaCache | None, kwargs: dict) -> LongLlamaCache | None:
+    """The cache, also when passed under its former `transformers` name `past_key_values`."""
+    legacy = kwargs.pop("past_key_values", None)
+    if legacy is not None and cache is not None:
+        raise ValueError("pass the cache once, as `cache` (past_key_values is its former name)")
+    return cache if legacy is None else legacy
 
 
 def _reject_unsupported(kwargs: dict) -> None:
@@ -393,7 +401,7 @@ def _reject_unsupported(kwargs: dict) -> None:
 def _resolve_memory(memory: Memory | None, cache: LongLlamaCache | None, config: LongLlamaConfig) -> Memory:
     if cache is not None:
         if memory is not None and memory is not cache.memory:
-            raise ValueError("memory differs from the memory of past_key_values; pass the same Memory on every step")
+            raise ValueError("memory differs from the memory of the cache; pass the same Memory on every step")
         return cache.memory
     if memory is None:
         return Memory.create(config)

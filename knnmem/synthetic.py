@@ -121,7 +121,9 @@ def retrieval_document(
                 prefix = f"Repeat sequence {tag}: "
                 start = emit(prefix) + len(prefix)
                 emit(seq + ".\n")
+                # Its source is the nearest earlier copy, so the reach bounds every repetition.
                 spans.append(Span((start, start + len(seq)), (source, source + len(seq))))
+                source = start
         else:
             emit(filler(int(rng.integers(1, max_gap + 1))) + "\n")
     return "".join(parts), spans

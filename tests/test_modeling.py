@@ -147,10 +147,10 @@ def test_generation_matches_step_by_step_forward(make_model):
         out = model(prompt, use_cache=True)
         tokens = [out.logits[:, -1].argmax(-1)]
         for _ in range(14):
-            out = model(tokens[-1][:, None], past_key_values=out.past_key_values, use_cache=True)
+            out = model(tokens[-1][:, None], cache=out.cache, use_cache=True)
             tokens.append(out.logits[:, -1].argmax(-1))
     assert torch.equal(generated[:, 21:], torch.stack(tokens, 1))
-    cache = out.past_key_values
+    cache = out.cache
     assert len(cache) <= 8 and len(cache.memory) + len(cache) == 35
 
 

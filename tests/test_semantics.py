@@ -47,10 +47,10 @@ def test_generation_overflows_the_cache_into_memory(mem_positionals):
         out = model(prompt, use_cache=True)
         torch.testing.assert_close(out.logits[0].double(), naive.forward(prompt[0].tolist(), use_cache=True),
                                    rtol=1e-4, atol=1e-4)
-        cache = out.past_key_values
+        cache = out.cache
         for step in range(14):  # the cache (window 6) overflows into memory more than once
             token = int(out.logits[0, -1].argmax())
-            out = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            out = model(torch.tensor([[token]]), cache=cache, use_cache=True)
             expected = naive.forward([token], use_cache=True)
             torch.testing.assert_close(out.logits[0].double(), expected, rtol=1e-4, atol=1e-4, msg=f"step {step}")
         assert len(cache.memory) == sum(1 for _ in naive.memory[1])
