@@ -1,8 +1,8 @@
 """Sweep memory size and index spec: decode latency, window-prefill throughput, retrieval quality, bytes.
 
-For each memory size, documents of real text (Python standard-library sources, byte tokens) are
-encoded once into a dense memory; each index spec then re-indexes those same entries (no model
-re-run) and answers the same workload: a prompt window (prefill throughput, recall@k and softmax
+For each memory size, documents of real text (Python standard-library sources) are encoded once by
+the shipped model (or `--model DIR`) into a dense memory; each index spec then re-indexes those same
+entries (no model re-run) and answers the same workload: a prompt window (prefill throughput, recall@k and softmax
 mass captured on its real queries) and single-token decode steps. Prints one Markdown row per
 operating point and writes a JSON file and a PNG plot.
 
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import demo_model, rss_bytes, stdlib_documents
+from common import SHIPPED_MODEL, load_model, rss_bytes, stdlib_documents
 
 import knnmem
 from knnmem.quality import ProbedMemory
@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument(
         "--index", action="append", help="index spec with search settings, e.g. 'HNSW32:efSearch=16;efSearch=64' (repeatable)"
     )
+    parser.add_argument("--model", type=Path, default=SHIPPED_MODEL)
     parser.add_argument("--k", type=int, default=128)
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -130,16 +131,16 @@ def main() -> None:
     results_path = args.out / "memory_sweep.json"
     rows = json.loads(results_path.read_text()) if results_path.exists() else []
     done = {(r["memory_tokens"], r["index"]) for r in rows}
-    model = demo_model()
+    model, tokenizer = load_model(args.model)
     # The prompt leaves room in the local window for the decode steps, so nothing is written to memory.
     prompt_length = model.config.max_position_embeddings - args.decode_steps
-    prompt = torch.tensor([stdlib_documents(4096 * 4, 4096)[-1][:prompt_length]])
+    prompt = torch.tensor([stdlib_documents(tokenizer, 4096 * 4, 4096)[-1][:prompt_length]])
     for size in (int(s) for s in args.sizes.split(",")):
         todo = {spec: [p for p in settings if (size, label(spec, p)) not in done] for spec, settings in specs.items()}
         if not any(todo.values()):
             continue
         source = knnmem.Memory.create(model)
-        knnmem.encode_documents(model, stdlib_documents(size), source)
+        knnmem.encode_documents(model, stdlib_documents(tokenizer, size), source)
         for spec, settings in todo.items():
             if not settings:
                 continue

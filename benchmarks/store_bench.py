@@ -1,7 +1,7 @@
-"""Store benchmark: indexing throughput next to plain forward throughput, opening a large store
-(time and resident memory), and bytes on disk per memory token for each index type.
+"""Store benchmark on the shipped model: indexing throughput next to plain forward throughput,
+opening a large store (time and resident memory), and bytes on disk per memory token for each index type.
 
-    python benchmarks/store_bench.py --tokens 1048576 --out benchmarks/results
+    python benchmarks/store_bench.py --tokens 1048576 --index HNSW32 --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import demo_model, stdlib_documents
+from common import SHIPPED_MODEL, load_model, stdlib_documents
 
 import knnmem
 
@@ -56,17 +56,20 @@ def directory_bytes(path: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=SHIPPED_MODEL)
+    parser.add_argument("--index", default=knnmem.memory.DEFAULT_INDEX, help="index spec of the large store")
     parser.add_argument("--tokens", type=int, default=1 << 20, help="corpus size for indexing and opening")
     parser.add_argument("--disk-tokens", type=int, default=1 << 16, help="corpus size for bytes on disk per spec")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="knnmem-bench-"))
-    model, plain = demo_model(), demo_model(mem_layers=[])  # same weights, no memory layers
-    docs = stdlib_documents(args.tokens)
+    model, tokenizer = load_model(args.model)
+    plain, _ = load_model(args.model, mem_layers=[])  # same weights, no memory layers
+    docs = stdlib_documents(tokenizer, args.tokens)
 
     plain_tok_s = throughput(plain, docs)
-    memory = knnmem.Memory.create(model)
+    memory = knnmem.Memory.create(model, index=args.index, k=128)
     start = time.perf_counter()
     knnmem.encode_documents(model, docs, memory, names=[f"doc{i}" for i in range(len(docs))])
     index_tok_s = len(memory) / (time.perf_counter() - start)
@@ -75,24 +78,23 @@ def main() -> None:
     save_s = time.perf_counter() - start
     del memory
 
-    model.save_pretrained(work / "model")
-    script = OPEN_SCRIPT.format(bench=str(Path(__file__).parent), model=str(work / "model"),
+    script = OPEN_SCRIPT.format(bench=str(Path(__file__).parent), model=str(args.model),
                                 store=str(work / "store"), query=docs[-1][:200])
     opened = json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                                        check=True).stdout.strip().splitlines()[-1])
 
     small = knnmem.Memory.create(model)
-    knnmem.encode_documents(model, stdlib_documents(args.disk_tokens), small, progress=False)
+    knnmem.encode_documents(model, stdlib_documents(tokenizer, args.disk_tokens), small, progress=False)
     disk = {}
     for spec in DISK_SPECS:
         target = work / f"disk-{spec.replace(',', '_')}"
         (small if spec == "dense" else small.reindex(spec, k=128)).save(target)
         disk[spec] = directory_bytes(target) / len(small)
 
-    result = dict(tokens=opened["entries"], plain_tok_s=plain_tok_s, index_tok_s=index_tok_s, save_s=save_s,
+    result = dict(index=args.index, tokens=opened["entries"], plain_tok_s=plain_tok_s, index_tok_s=index_tok_s, save_s=save_s,
                   **opened, disk_bytes_per_token=disk, disk_tokens=len(small))
     (args.out / "store_bench.json").write_text(json.dumps(result, indent=1))
-    print(f"| corpus tokens | plain forward tok/s | indexing tok/s (dense) | ratio | save s | open s "
+    print(f"| corpus tokens | plain forward tok/s | indexing tok/s ({args.index}) | ratio | save s | open s "
           f"| RSS after open MiB | RSS after first query MiB | first query s |\n|---|---|---|---|---|---|---|---|---|\n"
           f"| {result['tokens']:,} | {plain_tok_s:,.0f} | {index_tok_s:,.0f} | {index_tok_s / plain_tok_s:.2f} "
           f"| {save_s:.1f} | {opened['open_s']:.3f} | {opened['rss_open_mb']:.0f} | {opened['rss_query_mb']:.0f} "
