@@ -60,7 +60,7 @@ def run_passkey(model, tokenizer, length: int, *, trials: int, memory_factory, s
     results = []
     for _ in range(trials):
         depth, pass_key = float(rng.uniform()), int(rng.integers(1, 50001))
-        ids = torch.tensor([passkey_prompt(tokenizer, length, depth, pass_key)])
+        ids = torch.tensor([passkey_prompt(tokenizer, length, depth, pass_key)], device=model.device)
         digits = len(str(pass_key))
         start = time.perf_counter()
         with torch.no_grad():

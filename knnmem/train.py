@@ -34,6 +34,9 @@ from .synthetic import TEMPLATES
 from .training_data import LOCAL_ANSWER, MEMORY_ANSWER, TrainingData, stdlib_texts
 
 
+RUNTIME_FIELDS = ("device", "threads", "data_workers")
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; saved with every checkpoint."""
@@ -69,7 +72,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     dtype: str = "float32"
     gradient_checkpointing: bool = False
+    # Where it runs (none of these changes the result, so a run may resume with other values).
+    device: str = "auto"
     threads: int = 0
+    data_workers: int = 0
     # Bookkeeping.
     log_every: int = 10
     eval_every: int = 200
@@ -85,6 +91,12 @@ class TrainConfig:
             raise ValueError("need steps >= 1, warmup_steps >= 0 and min_lr_ratio in [0, 1]")
         if self.cross_batch_range < 0 or self.cross_batch_range >= self.rows:
             raise ValueError(f"cross_batch_range must lie in [0, rows), got {self.cross_batch_range} with {self.rows} rows")
+
+    def run_device(self) -> torch.device:
+        """`device`, with "auto" meaning CUDA where available, else the CPU."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
 
     def reach(self, progress: float) -> int:
         """Curriculum: how far back (characters) synthetic questions look; grows geometrically over
@@ -166,7 +178,8 @@ class Trainer:
             self.tokenizer, heldout, window=config.window, rows=config.rows, k_pack=config.k_pack,
             synthetic_fraction=0.0, reach=config.reach_end, seed=config.seed + 1,
         )
-        self.model = build_model(config, len(self.tokenizer))
+        self.device = config.run_device()
+        self.model = build_model(config, len(self.tokenizer)).to(self.device)
         self.model.gradient_checkpointing = config.gradient_checkpointing
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
@@ -197,13 +210,15 @@ class Trainer:
         state_path = self.checkpoint_dir / "trainer_state.pt"
         if not state_path.exists():
             return
-        state = torch.load(state_path, weights_only=False)
-        if state["config"] != dataclasses.asdict(self.config) | {"steps": state["config"]["steps"]}:
+        state = torch.load(state_path, weights_only=False, map_location=self.device)
+        free = {name: state["config"].get(name) for name in ("steps", *RUNTIME_FIELDS)}
+        if state["config"] != dataclasses.asdict(self.config) | free:
             raise ValueError(f"{self.checkpoint_dir} was written by a run with another configuration; "
                              "use a new output directory or the same configuration")
         from safetensors.torch import load_file
 
-        self.model.load_state_dict(load_file(self.checkpoint_dir / "model.safetensors"), strict=False)
+        self.model.load_state_dict(load_file(self.checkpoint_dir / "model.safetensors", device=str(self.device)),
+                                   strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
         self._truncate_metrics(self.step)
@@ -234,20 +249,22 @@ class Trainer:
 
     def loss_and_logits(self, batch, cross_batch_range: int | None = None):
         """Next-token cross-entropy, answer tokens weighted `answer_weight` times, and the logits."""
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.dtype == "bfloat16")
+        ids, answers = batch.input_ids.to(self.device), batch.answers.to(self.device)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.dtype == "bfloat16")
         with autocast:
-            logits = self.model(input_ids=batch.input_ids, use_cache=False,
+            logits = self.model(input_ids=ids, use_cache=False,
                                 cross_batch_range=self.config.cross_batch_range if cross_batch_range is None
                                 else cross_batch_range).logits
         losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), batch.input_ids[:, 1:].flatten(), reduction="none"
+            logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none"
         )
-        weights = 1.0 + (self.config.answer_weight - 1.0) * (batch.answers[:, 1:].flatten() != 0).float()
+        weights = 1.0 + (self.config.answer_weight - 1.0) * (answers[:, 1:].flatten() != 0).float()
         return (losses * weights).sum() / weights.sum(), logits
 
-    def train_step(self) -> dict:
+    def train_step(self, batch=None) -> dict:
+        """One optimiser step on `batch` (default: this step's batch of the training data)."""
         config = self.config
-        batch = self.data.batch(self.step, progress=self.step / config.steps)
+        batch = batch if batch is not None else self.data.batch(self.step, progress=self.step / config.steps)
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = config.lr_at(self.step)
@@ -259,7 +276,7 @@ class Trainer:
         self.step += 1
         return {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": config.lr_at(self.step - 1),
                 "reach": config.reach(self.step / config.steps),
-                **answer_accuracy(logits.detach(), batch.input_ids, batch.answers)}
+                **answer_accuracy(logits.detach().cpu(), batch.input_ids, batch.answers)}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -274,7 +291,7 @@ class Trainer:
             for i in range(config.eval_batches):
                 batch = self.data.batch(i, stream=1)
                 _, logits = self.loss_and_logits(batch, distance)
-                stats.append(answer_accuracy(logits, batch.input_ids, batch.answers))
+                stats.append(answer_accuracy(logits.cpu(), batch.input_ids, batch.answers))
             for key in stats[0]:
                 record[f"eval_{key}{label}"] = _nanmean([s[key] for s in stats])
         if config.passkey_trials:
@@ -288,8 +305,12 @@ class Trainer:
         bar = tqdm(total=config.steps, initial=self.step, desc="training", unit="step")
         tokens_per_step = config.rows * config.window
         window_start, window_stats = time.perf_counter(), []
-        while self.step < config.steps:
-            window_stats.append(self.train_step())
+        batches = torch.utils.data.DataLoader(
+            _Steps(self.data, config.steps), batch_size=None, sampler=range(self.step, config.steps),
+            num_workers=config.data_workers, prefetch_factor=4 if config.data_workers else None,
+        )
+        for batch in batches:
+            window_stats.append(self.train_step(batch))
             bar.update(1)
             if self.step % config.log_every == 0 or self.step == config.steps:
                 elapsed = time.perf_counter() - window_start
@@ -309,6 +330,19 @@ class Trainer:
                 self.save()
                 window_start = time.perf_counter()
         bar.close()
+
+
+class _Steps(torch.utils.data.Dataset):
+    """Training batches by step (each a function of the seed and the step), for parallel loading."""
+
+    def __init__(self, data: TrainingData, steps: int):
+        self.data, self.steps = data, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int):
+        return self.data.batch(step, progress=step / self.steps)
 
 
 def _nanmean(values: list[float]) -> float:

@@ -154,6 +154,17 @@ def test_resume_is_bit_exact(tmp_path):
         Trainer(TrainConfig(**{**TINY_RUN, "lr": 1.0}), tmp_path / "b")
 
 
+def test_parallel_data_loading_changes_nothing_and_runtime_settings_may_change_on_resume(tmp_path):
+    serial = Trainer(TrainConfig(**{**TINY_RUN, "eval_every": 100}), tmp_path / "a")
+    serial.run()
+    parallel = Trainer(TrainConfig(**{**TINY_RUN, "eval_every": 100, "data_workers": 2}), tmp_path / "b")
+    parallel.run()
+    for (name, a), (_, b) in zip(serial.model.state_dict().items(), parallel.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    resumed = Trainer(TrainConfig(**{**TINY_RUN, "eval_every": 100, "threads": 1, "device": "cpu"}), tmp_path / "b")
+    assert resumed.step == 4
+
+
 def test_fine_tunes_a_llama_checkpoint(tmp_path, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
