@@ -29,6 +29,13 @@ WORDS = (
     "forest", "planet", "rocket", "violin", "marble", "pepper", "winter", "copper", "anchor", "harbor", "meadow",
     "castle", "falcon", "ribbon", "saddle", "tunnel", "velvet", "walnut", "yellow", "zebra", "orange", "purple",
 )
+# Heads of made-up attribute names ("walnut token", "kavo code"), so that any noun phrase can name a value.
+NOUNS = ("key", "code", "word", "number", "id", "name", "value", "tag", "token", "label", "secret", "phrase")
+# Simple sentences for haystack filler: a few of them repeated, the way long-context probes pad a prompt.
+SUBJECTS = ("The river", "The lamp", "The road", "The house", "The cat", "The book", "The door", "The wind",
+            "The city", "The boat", "The field", "The clock", "The tree", "The night", "The bridge", "The garden")
+PREDICATES = ("is quiet", "is old", "is warm", "is open", "is far away", "is small", "is bright", "is empty",
+              "is heavy", "is calm", "moves slowly", "stays still", "looks tired", "feels cold", "is round")
 # (statement, question prefix); the answer, the value, follows the prefix after one space.
 TEMPLATES = (
     ("The {a} of {e} is {v}.", "What is the {a} of {e}? The {a} of {e} is"),
@@ -43,6 +50,8 @@ TEMPLATES = (
     ("Keep in mind: {e} -> {v} ({a}).", "{e} -> "),
     ("Today {e} got the {a} {v}.", "Earlier, {e} got the {a}"),
     ("My {a} is {v}, said {e}.", "{e} said the {a} was"),
+    ("Write down the {a}: {v}.", "The {a} you wrote down was"),
+    ("Here is the {a}. It is {v}.", "Tell me the {a}. The {a} is"),
 )
 
 
@@ -59,6 +68,25 @@ def entity(rng: np.random.Generator) -> str:
         return "".join(rng.choice(SYLLABLES, size=int(rng.integers(2, 4)))).capitalize()
 
     return word() if rng.random() < 0.4 else f"{word()} {word()}"
+
+
+def attribute(rng: np.random.Generator) -> str:
+    """A listed attribute, or a made-up one: a word or name followed by a noun."""
+    if rng.random() < 0.5:
+        return str(rng.choice(ATTRIBUTES))
+    head = str(rng.choice(WORDS)) if rng.random() < 0.5 else entity(rng).split()[0].lower()
+    return f"{head} {rng.choice(NOUNS)}"
+
+
+def haystack(rng: np.random.Generator) -> Callable[[int], str]:
+    """A filler of a few simple sentences repeated in order, returning about `n` characters when called."""
+    count = int(rng.integers(2, 6))
+    sentences = " ".join(f"{rng.choice(SUBJECTS)} {rng.choice(PREDICATES)}." for _ in range(count))
+
+    def filler(num_chars: int) -> str:
+        return (sentences + " ") * (num_chars // (len(sentences) + 1)) + sentences[: num_chars % (len(sentences) + 1)]
+
+    return filler
 
 
 def value(rng: np.random.Generator) -> str:
@@ -103,7 +131,7 @@ def retrieval_document(
             spans.append(Span((start, start + len(val)), source))
         elif draw < 0.5:
             template = int(rng.integers(len(TEMPLATES)))
-            name, attr, val = entity(rng), str(rng.choice(ATTRIBUTES)), value(rng)
+            name, attr, val = entity(rng), attribute(rng), value(rng)
             if name in used:
                 continue
             used.add(name)

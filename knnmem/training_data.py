@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .synthetic import retrieval_document
+from .synthetic import haystack, retrieval_document
 
 # Answer categories of a target token.
 NOT_ANSWER, LOCAL_ANSWER, MEMORY_ANSWER = 0, 1, 2
 CHARS_PER_TOKEN = 2.6  # about right for code and English with a 2k vocabulary; documents are cut in tokens
+HAYSTACK_FRACTION = 0.25  # synthetic documents whose filler is repeated simple sentences instead of real text
 
 
 def stdlib_texts(split: str, *, heldout_percent: int = 3) -> list[tuple[str, str]]:
@@ -105,9 +106,9 @@ class TrainingData:
     def _synthetic(self, rng: np.random.Generator, length: int, reach: int) -> tuple[np.ndarray, np.ndarray]:
         """A synthetic document of exactly `length` tokens and the answer category of each token."""
         while True:
-            text, spans = retrieval_document(
-                rng, lambda n: self._filler(rng, n), int(length * CHARS_PER_TOKEN * 1.3), reach
-            )
+            # Filler between events: real text, or (in a quarter of the documents) repeated simple sentences.
+            filler = haystack(rng) if rng.random() < HAYSTACK_FRACTION else (lambda n: self._filler(rng, n))
+            text, spans = retrieval_document(rng, filler, int(length * CHARS_PER_TOKEN * 1.3), reach)
             encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             if len(encoded["input_ids"]) >= length:
                 break

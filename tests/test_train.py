@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import knnmem
 from knnmem.passkey import FILLER, key_sentence, passkey_prompt
-from knnmem.synthetic import retrieval_document
+from knnmem.synthetic import NOUNS, attribute, haystack, retrieval_document
 from knnmem.tokenizer import train_tokenizer
 from knnmem.train import TrainConfig, Trainer
 from knnmem.training_data import LOCAL_ANSWER, MEMORY_ANSWER
@@ -92,6 +92,17 @@ def test_retrieval_document_answers_copy_their_statements():
     for span in spans:
         assert text[slice(*span.answer)] == text[slice(*span.source)]
         assert span.source[1] <= span.answer[0]
+
+
+def test_haystack_filler_and_made_up_attributes_are_not_the_passkey_probe():
+    rng = np.random.default_rng(0)
+    filler = haystack(rng)
+    for n in (1, 57, 900):
+        assert len(filler(n)) == n
+    text, spans = retrieval_document(rng, filler, num_chars=6000, reach=100_000)
+    assert spans and FILLER.split(".")[0] not in text and "pass key" not in text
+    made_up = [a for a in (attribute(rng) for _ in range(200)) if a.split()[-1] in NOUNS]
+    assert len(set(made_up)) > 50
 
 
 def test_training_batches_are_reproducible_and_mark_memory_answers(tmp_path):
