@@ -57,6 +57,19 @@ def matches(generated: str, expected: str) -> bool:
     return generated.startswith(expected) and not (rest[:1].isalnum())
 
 
+@torch.no_grad()
+def answer_tokens_predicted(model, tokenizer, question: str, answer: str, memory) -> tuple[int, int]:
+    """(correct, total): answer tokens that are the greedy next token after the question and the answer so far."""
+    text = f"{question} {answer}"
+    encoded = tokenizer(text, return_offsets_mapping=True)
+    ids = torch.tensor([encoded["input_ids"]])
+    # Answer tokens: those ending inside the answer (a leading space token belongs to the question).
+    positions = [i for i, (_, end) in enumerate(encoded["offset_mapping"]) if end > len(question) + 1 and i > 0]
+    logits = model(input_ids=ids, memory=memory, use_cache=False).logits[0]
+    predicted = logits[[i - 1 for i in positions]].argmax(-1)
+    return int((predicted == ids[0, positions]).sum()), len(positions)
+
+
 def run_demo(model_dir: str | Path, store_dir: str | Path, *, index: str, k: int, compare_specs: list[str]) -> None:
     """Index the embedded corpus into `store_dir`, reload it, answer its questions, compare with exact memory."""
     from transformers import AutoTokenizer
@@ -80,20 +93,34 @@ def run_demo(model_dir: str | Path, store_dir: str | Path, *, index: str, k: int
 
     print("3. Questions whose answers lie in the stored documents (greedy decoding):")
     print(f"   {'question':<62} {'expected':>10} {index:>10} {'dense':>10}")
-    correct = {index: 0, "dense": 0}
+    labels = (index, "dense", "no memory")
+    correct = dict.fromkeys(labels[:2], 0)
+    forced = dict.fromkeys(labels, 0)
+    answer_tokens = 0
     for q in questions:
         ids = torch.tensor([tokenizer(q["question"])["input_ids"]])
         answers = {}
-        for label in (index, "dense"):
-            # A fresh view of the store for each question: nothing generated before is remembered.
-            mem = Memory.load(store_dir, model=model) if label == index else memory.reindex("dense")
-            out = model.generate(ids, memory=mem, max_new_tokens=len(tokenizer(q["answer"])["input_ids"]) + 1,
+        for label in labels:
+            # A fresh view of the store for each question: nothing read before is remembered.
+            def fresh():
+                if label == index:
+                    return Memory.load(store_dir, model=model)
+                return memory.reindex("dense") if label == "dense" else Memory.create(model)
+
+            hits, count = answer_tokens_predicted(model, tokenizer, q["question"], q["answer"], fresh())
+            forced[label] += hits
+            if label == "no memory":
+                answer_tokens += count
+                continue
+            out = model.generate(ids, memory=fresh(), max_new_tokens=len(tokenizer(q["answer"])["input_ids"]) + 1,
                                  do_sample=False)
             answers[label] = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip().split("\n")[0]
             correct[label] += matches(answers[label], q["answer"])
         marks = {label: ("✓ " if matches(a, q["answer"]) else "✗ ") + a[:8] for label, a in answers.items()}
         print(f"   {q['question'][:62]:<62} {q['answer']:>10} {marks[index]:>10} {marks['dense']:>10}")
-    print(f"   correct: {index} {correct[index]}/{len(questions)}, dense {correct['dense']}/{len(questions)}\n")
+    print(f"   exact answers: {index} {correct[index]}/{len(questions)}, dense {correct['dense']}/{len(questions)}")
+    print("   answer tokens predicted given the question and the answer so far: "
+          + ", ".join(f"{label} {forced[label]}/{answer_tokens}" for label in labels) + "\n")
 
     print("4. Exact dense memory against approximate indexes, reading all questions against the store:")
     text = "\n".join(f"{q['question']} {q['answer']}." for q in questions)

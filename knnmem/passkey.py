@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 TASK = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -50,15 +51,17 @@ class PasskeyTrial:
     seconds: float
 
 
-def run_passkey(model, tokenizer, length: int, *, trials: int, memory_factory, seed: int = 0) -> list[PasskeyTrial]:
+def run_passkey(model, tokenizer, length: int, *, trials: int, memory_factory, seed: int = 0,
+                progress: bool = True) -> list[PasskeyTrial]:
     """Greedy-decode the key for `trials` prompts of about `length` tokens, depths uniform in [0, 1].
 
     Args:
         memory_factory: called with no arguments for each trial; returns the `knnmem.Memory` to use.
+        progress: show a progress bar over the trials.
     """
     rng = np.random.default_rng([seed, length])
     results = []
-    for _ in range(trials):
+    for _ in tqdm(range(trials), desc=f"pass key, {length:,} tokens", unit="trial", leave=False, disable=not progress):
         depth, pass_key = float(rng.uniform()), int(rng.integers(1, 50001))
         ids = torch.tensor([passkey_prompt(tokenizer, length, depth, pass_key)], device=model.device)
         digits = len(str(pass_key))

@@ -296,7 +296,7 @@ class Trainer:
                 record[f"eval_{key}{label}"] = _nanmean([s[key] for s in stats])
         if config.passkey_trials:
             trials = run_passkey(self.model, self.tokenizer, config.passkey_length, trials=config.passkey_trials,
-                                 memory_factory=lambda: Memory.create(self.model, index="dense"))
+                                 memory_factory=lambda: Memory.create(self.model, index="dense"), progress=False)
             record["passkey"] = float(np.mean([t.correct for t in trials]))
         return record
 
@@ -379,8 +379,13 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> None:
         points = [(steps_to_tokens.get(r["step"], 0), r[key]) for r in records if key in r]
         if points:
             right.plot(*zip(*points), marker="o", label=label)
-    right.set(xlabel="tokens", ylabel="accuracy", title="Answer accuracy (held-out batches)", ylim=(0, 1))
-    right.legend()
+    for key, label, color in (("acc_local", "fact in the window, training batches", "C0"),
+                              ("acc_memory", "fact only in memory, training batches", "C1")):
+        points = [(r["tokens"], r[key]) for r in records if "tokens" in r and not math.isnan(r.get(key, math.nan))]
+        if points:
+            right.plot(*zip(*points), color=color, linewidth=0.6, alpha=0.5, label=label)
+    right.set(xlabel="tokens", ylabel="accuracy", title="Answer accuracy", ylim=(0, 1))
+    right.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
