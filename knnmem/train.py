@@ -122,8 +122,10 @@ def tokenizer_texts(config: TrainConfig, real: str) -> list[str]:
 
 def build_model(config: TrainConfig, vocab_size: int) -> LongLlamaForCausalLM:
     """A new model from the config's shape, or `init_from` (LongLLaMA or LLaMA) with the config's memory fields."""
+    # As in the published LongLLaMA configs, the last half window of a prompt stays local at generation,
+    # leaving the other half for new tokens before the local cache overflows into memory.
     memory_fields = dict(mem_layers=config.mem_layers, mem_positionals=config.mem_positionals,
-                         max_position_embeddings=config.window, last_context_length=config.window,
+                         max_position_embeddings=config.window, last_context_length=config.window // 2,
                          torch_attention=True)
     if config.init_from:
         from transformers import AutoConfig

@@ -1,0 +1,62 @@
+"""The shipped demo model (`model/`) loads, and it retrieves facts through kNN memory that it cannot
+see otherwise."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import knnmem
+from knnmem.demo import DATA, answer_tokens_predicted
+from knnmem.synthetic import TEMPLATES, entity, value
+
+MODEL = Path(__file__).resolve().parent.parent / "model"
+TRIALS, FILLER_CHARS = 4, 20_000  # about 8k tokens between each fact and its question
+# Measured on 8 such facts: 32 of 35 answer tokens with HNSW32 memory, 5 of 35 from the question alone.
+KNN_AT_LEAST, MARGIN = 0.7, 0.4
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    model = knnmem.LongLlamaForCausalLM.from_pretrained(MODEL).eval()
+    return model, AutoTokenizer.from_pretrained(MODEL)
+
+
+def fact_far_back(rng, filler: str) -> tuple[str, str, str]:
+    """(context, question, answer): a fact, then held-out real text, then the question."""
+    name, attr, val = entity(rng), "code", value(rng)
+    statement, question = TEMPLATES[0]
+    return statement.format(a=attr, e=name, v=val) + "\n" + filler, question.format(a=attr, e=name), val
+
+
+def test_shipped_model_has_the_documented_shape(shipped):
+    model, tokenizer = shipped
+    config = model.config
+    assert (config.num_hidden_layers, config.hidden_size, config.mem_layers) == (4, 128, [1, 2, 3])
+    assert config.max_position_embeddings == 256 and len(tokenizer) == config.vocab_size == 2048
+    assert tokenizer.decode(tokenizer("x = 12345")["input_ids"], skip_special_tokens=True) == "x = 12345"
+
+
+def test_shipped_model_retrieves_facts_from_thousands_of_tokens_back_through_knn_memory(shipped):
+    model, tokenizer = shipped
+    corpus = (DATA / "corpus.jsonl").read_text()
+    rng = np.random.default_rng(0)
+    hits = {"HNSW32": 0, "none": 0}
+    total = 0
+    for _ in range(TRIALS):
+        start = int(rng.integers(0, len(corpus) - FILLER_CHARS))
+        context, question, answer = fact_far_back(rng, corpus[start : start + FILLER_CHARS])
+        for label in hits:
+            # Without memory the model sees only its last window, which never holds the fact.
+            memory = knnmem.Memory.create(model, index="HNSW32", k=128) if label == "HNSW32" else None
+            prefix = context if memory is not None else ""
+            ids = tokenizer(prefix + question)["input_ids"]
+            assert memory is None or len(ids) > 4 * model.config.max_position_embeddings
+            correct, count = answer_tokens_predicted(model, tokenizer, prefix + question, answer,
+                                                     memory if memory is not None else knnmem.Memory.create(model))
+            hits[label] += correct
+        total += count
+    assert hits["HNSW32"] / total >= KNN_AT_LEAST
+    assert hits["HNSW32"] - hits["none"] >= MARGIN * total
