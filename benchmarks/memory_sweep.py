@@ -53,14 +53,15 @@ def measure(model, memory: ProbedMemory, params: dict, prompt: torch.Tensor, dec
     """Quality, prefill and decode of one operating point; `memory` is read, never written."""
     if params:
         memory.set_search_params(**params)
+    entries = len(memory)
     memory.reset_quality()
-    model(input_ids=prompt, memory=memory, use_cache=True)  # the prompt stays in the local cache
+    model(input_ids=prompt, memory=memory, use_cache=True, last_context_length=prompt.shape[1])  # all in the cache
     quality = memory.quality()
     memory.probing = False
     timings = []
     for _ in range(2):
         start = time.perf_counter()
-        out = model(input_ids=prompt, memory=memory, use_cache=True)
+        out = model(input_ids=prompt, memory=memory, use_cache=True, last_context_length=prompt.shape[1])
         timings.append(time.perf_counter() - start)
     cache, token, steps = out.cache, out.logits[:, -1:].argmax(-1), []
     for _ in range(decode_steps):
@@ -68,6 +69,8 @@ def measure(model, memory: ProbedMemory, params: dict, prompt: torch.Tensor, dec
         out = model(input_ids=token, cache=cache, use_cache=True)
         steps.append(time.perf_counter() - start)
         cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+    if len(memory) != entries:
+        raise RuntimeError(f"the workload wrote {len(memory) - entries} entries to the memory it measures")
     return dict(
         index=label(memory.index + ("+l2" if memory.l2_reduction else ""), params), memory_tokens=len(memory), k=None if memory.index == "dense" else memory.k,
         decode_ms=1000 * sorted(steps)[len(steps) // 2], prefill_tok_s=prompt.shape[1] / min(timings),

@@ -65,8 +65,11 @@ def plot(rows: list[dict], path: Path) -> None:
         points = sorted((r["context"], r["perplexity"]) for r in rows if r["memory"] == name)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
     ax.axhline(local, color="grey", linestyle="--", label="local window only")
+    contexts = sorted({r["context"] for r in rows if r["memory"] != "local"})
     ax.set(xscale="log", xlabel="context tokens", ylabel="perplexity of the target tokens",
            title="Held-out long documents")
+    ax.minorticks_off()
+    ax.set_xticks(contexts, [f"{c:,}" for c in contexts])
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
