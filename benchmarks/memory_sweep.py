@@ -104,14 +104,20 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for index in dict.fromkeys(r["index"] for r in rows):
+    indexes = list(dict.fromkeys(r["index"] for r in rows))
+    for i, index in enumerate(indexes):
+        color = plt.cm.tab20(i % 20)
         points = sorted((r["memory_tokens"], r["decode_ms"], r["recall"]) for r in rows if r["index"] == index)
-        left.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=index)
-        right.scatter([p[1] for p in points], [p[2] for p in points], label=index)
+        left.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=color, label=index)
+        right.scatter([p[1] for p in points], [p[2] for p in points], color=color, label=index)
     left.set(xscale="log", yscale="log", xlabel="memory tokens", ylabel="decode ms / token", title="Decode latency")
     right.set(xscale="log", xlabel="decode ms / token", ylabel="recall@k (real queries)", title="Recall vs latency")
+    for axis in (left.xaxis, left.yaxis, right.xaxis):
+        axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     left.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
