@@ -13,6 +13,7 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Callable
 
 import faiss
 import numpy as np
@@ -89,10 +90,22 @@ class FaissMemory:
         self.spec, self.k, self.l2_reduction = spec, k, l2_reduction
         probe = new_index(spec, head_dim, l2_reduction)
         self.train_size = default_train_size(probe, spec) if train_size is None else train_size
-        self._rows: list[list[faiss.Index]] = []  # [row][head], each wrapped in IndexIDMap2
+        self._loaded_rows: list[list[faiss.Index]] = []  # [row][head], each wrapped in IndexIDMap2
         self._bounds: list[list[float | None]] = []  # [row][head]: R of the L2 reduction
+        self._pending: Callable[[], tuple[list[list[faiss.Index]], list[list[float | None]]]] | None = None
         self.search_params: dict = {}
         self.set_search_params(**(search_params or {}))  # validates names before any entry arrives
+
+    @property
+    def _rows(self) -> list[list[faiss.Index]]:
+        if self._pending is not None:  # indexes of a store, read on first use
+            load, self._pending = self._pending, None
+            self.import_indexes(*load())
+        return self._loaded_rows
+
+    @_rows.setter
+    def _rows(self, rows: list[list[faiss.Index]]) -> None:
+        self._loaded_rows = rows
 
     def index_bytes(self) -> int:
         """Bytes of every index of this layer, serialized."""
@@ -103,7 +116,7 @@ class FaissMemory:
 
     def reset(self) -> None:
         self.buffer.reset()
-        self._rows, self._bounds = [], []
+        self._rows, self._bounds, self._pending = [], [], None
 
     def _new_row(self, device: torch.device) -> list[faiss.Index]:
         row = []
@@ -200,6 +213,10 @@ class FaissMemory:
         for row in self._rows:
             for index in row:
                 _apply_params(faiss.downcast_index(index.index), self.search_params)
+
+    def import_indexes_lazily(self, load: Callable[[], tuple[list[list[faiss.Index]], list[list[float | None]]]]) -> None:
+        """As `import_indexes` with what `load()` returns, called on first use: a store opens without reading them."""
+        self._pending = load
 
     def reorder_rows(self, index: torch.Tensor) -> None:
         self.buffer.reorder_rows(index)

@@ -105,7 +105,7 @@ class Memory:
 
     @classmethod
     def load(cls, path: str | Path, *, model, writable: bool = False, verify: bool = False) -> "Memory":
-        """Open the store at `path` for `model`: arrays memory-mapped, Faiss indexes read.
+        """Open the store at `path` for `model`: arrays memory-mapped, Faiss indexes read on first search.
 
         Read-only by default: entries added later (e.g. overflowing the local cache in generation) go
         to an in-memory overlay searched together with the store. `verify=True` also hashes the large
@@ -129,8 +129,12 @@ class Memory:
             backend = memory.layer(layer)
             backend.buffer.attach(keys, values, valid)
             if isinstance(backend, FaissMemory) and size:
-                rows = [[store.read_index(data / f"layer{layer}.head{h}.faiss") for h in range(heads)]]
-                backend.import_indexes(rows, [manifest["l2_bounds"][str(layer)]])
+                files = [store.DeferredIndex(data / f"layer{layer}.head{h}.faiss") for h in range(heads)]
+                bounds = [manifest["l2_bounds"][str(layer)]]
+                # Read on first search; memory-mapped unless the store is opened for writing.
+                backend.import_indexes_lazily(
+                    lambda files=files, bounds=bounds: ([[f.read(mmap=not writable) for f in files]], bounds)
+                )
         memory.batch_size = 1 if size else None
         memory.documents = [Document(**d) for d in manifest["documents"]]
         memory.provenance = store.map_array(data / "provenance.bin", (size, 3), torch.int64, writable)

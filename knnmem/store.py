@@ -13,7 +13,8 @@ Layout of a store directory (documented for users in `indexes/README.md`):
 `write_store` writes a new generation directory, then atomically replaces `manifest.json`, then deletes
 older generations. A process killed at any point leaves the previous manifest (and its generation)
 or the new one: never a store that loads half-written. Readers memory-map the arrays of the
-generation they opened; deleting an old generation does not disturb them (POSIX keeps mapped files).
+generation they opened and hold its index files open; deleting an old generation does not disturb
+them (POSIX keeps mapped and open files).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 # Files hashed on every load; the large arrays are checked by size (hash them with verify=True).
-_ALWAYS_HASHED = (".faiss", "valid.bin", "provenance.bin")
+_ALWAYS_HASHED = ("valid.bin", "provenance.bin")
 _FINGERPRINT_FIELDS = (
     "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "mem_layers",
     "mem_positionals", "rope_theta", "max_position_embeddings",
@@ -166,11 +167,26 @@ def map_array(file: Path, shape: tuple, dtype: torch.dtype, writable: bool) -> t
     return tensor.clone() if writable else tensor
 
 
-def read_index(file: Path) -> faiss.Index:
-    try:
-        return faiss.read_index(str(file))
-    except RuntimeError as error:
-        raise StoreError(f"{file}: cannot be read by Faiss ({str(error).strip().splitlines()[-1]})") from None
+class DeferredIndex:
+    """A Faiss index file opened now and read on first use.
+
+    The open handle keeps the file readable even if a writer deletes its generation in between.
+    """
+
+    def __init__(self, file: Path):
+        self.file = file
+        self._handle = open(file, "rb")
+
+    def read(self, *, mmap: bool = False) -> faiss.Index:
+        """The index; with `mmap`, its large arrays are mapped read-only instead of read."""
+        by_handle = Path(f"/proc/self/fd/{self._handle.fileno()}")
+        try:
+            return faiss.read_index(str(by_handle if by_handle.exists() else self.file),
+                                    faiss.IO_FLAG_MMAP_IFC if mmap else 0)
+        except RuntimeError as error:
+            raise StoreError(f"{self.file}: cannot be read by Faiss ({str(error).strip().splitlines()[-1]})") from None
+        finally:
+            self._handle.close()
 
 
 def _fsync(file: Path) -> None:

@@ -209,8 +209,12 @@ def test_truncated_file(store, model):
 
 
 def test_corrupted_index_and_missing_file(store, model):
-    flip_byte(data_file(store, "layer2.head3.faiss"), 100)
+    index = data_file(store, "layer2.head3.faiss")
+    flip_byte(index, 100)
     with pytest.raises(knnmem.StoreError, match="layer2.head3.faiss: contents do not match the checksum"):
+        knnmem.Memory.load(store, model=model, verify=True)
+    index.write_bytes(index.read_bytes()[:-3])
+    with pytest.raises(knnmem.StoreError, match=r"layer2.head3.faiss: \d+ bytes, expected \d+ \(truncated"):
         knnmem.Memory.load(store, model=model)
     data_file(store, "provenance.bin").unlink()
     with pytest.raises(knnmem.StoreError, match="provenance.bin: missing"):
@@ -266,8 +270,10 @@ def test_a_killed_writer_never_leaves_a_half_store(model, tmp_path):
 
 def test_readers_survive_a_writer(model, store):
     reader = knnmem.Memory.load(store, model=model)
+    idle_reader = knnmem.Memory.load(store, model=model)  # its indexes are not read until it searches
     query = torch.randint(1, 96, (1, 8))
     before = read(model, reader, query)
-    filled(model, "HNSW32", k=16).save(store)  # a new generation; the reader's files are deleted
+    filled(model, "HNSW32", k=16).save(store)  # a new generation; the readers' files are deleted
     assert torch.equal(read(model, reader, query), before)
+    assert torch.equal(read(model, idle_reader, query), before)
     assert len(knnmem.Memory.load(store, model=model)) == len(reader)
