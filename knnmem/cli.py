@@ -62,11 +62,9 @@ def load_model(path: str):
     from pathlib import Path
 
     from transformers import AutoTokenizer
-    from transformers.utils import logging
 
     from .modeling import LongLlamaForCausalLM
 
-    logging.disable_progress_bar()  # weight loading takes a moment; its bar would only clutter the output
     if not (Path(path) / "config.json").is_file():
         raise UsageError(f"{path} is not a model directory (no config.json)")
     model = LongLlamaForCausalLM.from_pretrained(path).eval()
@@ -282,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # weight loading takes a moment; its bar would only clutter the output
     try:
         args.func(args)
     except (UsageError, FileNotFoundError, ValueError) as e:  # StoreError is a ValueError
