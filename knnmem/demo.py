@@ -97,22 +97,23 @@ def run_demo(model_dir: str | Path, store_dir: str | Path, *, index: str, k: int
     correct = dict.fromkeys(labels[:2], 0)
     forced = dict.fromkeys(labels, 0)
     answer_tokens = 0
+
+    def fresh(label: str) -> Memory:
+        """A fresh view of the store (or none) for each use: nothing read before is remembered."""
+        if label == index:
+            return Memory.load(store_dir, model=model)
+        return memory.reindex("dense") if label == "dense" else Memory.create(model)
+
     for q in questions:
         ids = torch.tensor([tokenizer(q["question"])["input_ids"]])
         answers = {}
         for label in labels:
-            # A fresh view of the store for each question: nothing read before is remembered.
-            def fresh():
-                if label == index:
-                    return Memory.load(store_dir, model=model)
-                return memory.reindex("dense") if label == "dense" else Memory.create(model)
-
-            hits, count = answer_tokens_predicted(model, tokenizer, q["question"], q["answer"], fresh())
+            hits, count = answer_tokens_predicted(model, tokenizer, q["question"], q["answer"], fresh(label))
             forced[label] += hits
             if label == "no memory":
                 answer_tokens += count
                 continue
-            out = model.generate(ids, memory=fresh(), max_new_tokens=len(tokenizer(q["answer"])["input_ids"]) + 1,
+            out = model.generate(ids, memory=fresh(label), max_new_tokens=len(tokenizer(q["answer"])["input_ids"]) + 1,
                                  do_sample=False)
             answers[label] = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip().split("\n")[0]
             correct[label] += matches(answers[label], q["answer"])

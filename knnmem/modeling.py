@@ -359,7 +359,7 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=_cache_argument(cache, kwargs),
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             memory=memory,

@@ -180,6 +180,7 @@ class Trainer:
             self.tokenizer, heldout, window=config.window, rows=config.rows, k_pack=config.k_pack,
             synthetic_fraction=0.0, reach=config.reach_end, seed=config.seed + 1,
         )
+        self.batches = _Steps(self.data, config.steps)
         self.device = config.run_device()
         self.model = build_model(config, len(self.tokenizer)).to(self.device)
         self.model.gradient_checkpointing = config.gradient_checkpointing
@@ -266,7 +267,7 @@ class Trainer:
     def train_step(self, batch=None) -> dict:
         """One optimiser step on `batch` (default: this step's batch of the training data)."""
         config = self.config
-        batch = batch if batch is not None else self.data.batch(self.step, progress=self.step / config.steps)
+        batch = batch if batch is not None else self.batches[self.step]
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = config.lr_at(self.step)
@@ -308,7 +309,7 @@ class Trainer:
         tokens_per_step = config.rows * config.window
         window_start, window_stats = time.perf_counter(), []
         batches = torch.utils.data.DataLoader(
-            _Steps(self.data, config.steps), batch_size=None, sampler=range(self.step, config.steps),
+            self.batches, batch_size=None, sampler=range(self.step, config.steps),
             num_workers=config.data_workers, prefetch_factor=4 if config.data_workers else None,
         )
         for batch in batches:

@@ -154,6 +154,18 @@ def test_generation_matches_step_by_step_forward(make_model):
     assert len(cache) <= 8 and len(cache.memory) + len(cache) == 35
 
 
+def test_cache_is_also_accepted_under_its_former_name(make_model):
+    model = make_model(max_position_embeddings=8, last_context_length=6)
+    prompt, token = torch.randint(1, 96, (1, 12)), torch.tensor([[5]])
+    with torch.no_grad():
+        expected = model(token, cache=model(prompt, use_cache=True).cache, use_cache=True).logits
+        former = model(token, past_key_values=model(prompt, use_cache=True).cache, use_cache=True).logits
+        assert torch.equal(former, expected)
+        first = model(prompt, use_cache=True).cache
+        with pytest.raises(ValueError, match="pass the cache once"):
+            model(token, cache=first, past_key_values=first, use_cache=True)
+
+
 def test_generate_with_explicit_memory_and_last_context_length(make_model):
     model = make_model()
     prompt = torch.randint(1, 96, (1, 30))
