@@ -32,8 +32,12 @@ WORDS = (
 # Heads of made-up attribute names ("walnut token", "kavo code"), so that any noun phrase can name a value.
 NOUNS = ("key", "code", "word", "number", "id", "name", "value", "tag", "token", "label", "secret", "phrase")
 # Simple sentences for haystack filler: a few of them repeated, the way long-context probes pad a prompt.
-SUBJECTS = ("The river", "The lamp", "The road", "The house", "The cat", "The book", "The door", "The wind",
-            "The city", "The boat", "The field", "The clock", "The tree", "The night", "The bridge", "The garden")
+# Some end in a word or number that can also be a value ("The door is copper.", "The door key is 4417."):
+# distractors that match the last tokens of a question ("... is"), so that an answer must be found by
+# the whole attribute name.
+# None of their nouns is in WORDS, so that "The door code" can never be a fact's made-up attribute.
+SUBJECTS = ("The chair", "The road", "The house", "The cat", "The book", "The door", "The wind", "The city",
+            "The boat", "The field", "The clock", "The tree", "The night", "The hill", "The wall", "The bell")
 PREDICATES = ("is quiet", "is old", "is warm", "is open", "is far away", "is small", "is bright", "is empty",
               "is heavy", "is calm", "moves slowly", "stays still", "looks tired", "feels cold", "is round")
 # (statement, question prefix); the answer, the value, follows the prefix after one space.
@@ -80,8 +84,18 @@ def attribute(rng: np.random.Generator) -> str:
 
 def haystack(rng: np.random.Generator) -> Callable[[int], str]:
     """A filler of a few simple sentences repeated in order, returning about `n` characters when called."""
+
+    def sentence() -> str:
+        subject, draw = str(rng.choice(SUBJECTS)), rng.random()
+        if draw < 0.3:
+            return f"{subject} {rng.choice(PREDICATES)}."
+        if draw < 0.6:
+            return f"{subject} is {rng.choice(WORDS)}."
+        # A statement of a value that no question asks for: its attribute ("door code") is never a fact's.
+        return f"{subject} {rng.choice(NOUNS)} is {value(rng)}."
+
     count = int(rng.integers(2, 6))
-    sentences = " ".join(f"{rng.choice(SUBJECTS)} {rng.choice(PREDICATES)}." for _ in range(count))
+    sentences = " ".join(sentence() for _ in range(count))
 
     def filler(num_chars: int) -> str:
         return (sentences + " ") * (num_chars // (len(sentences) + 1)) + sentences[: num_chars % (len(sentences) + 1)]

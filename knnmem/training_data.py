@@ -23,7 +23,8 @@ from .synthetic import haystack, retrieval_document
 # Answer categories of a target token.
 NOT_ANSWER, LOCAL_ANSWER, MEMORY_ANSWER = 0, 1, 2
 CHARS_PER_TOKEN = 2.6  # about right for code and English with a 2k vocabulary; documents are cut in tokens
-HAYSTACK_FRACTION = 0.25  # synthetic documents whose filler is repeated simple sentences instead of real text
+HAYSTACK_FRACTION = 0.4  # synthetic documents whose filler is repeated simple sentences instead of real text
+HAYSTACK_GAP = 2000  # their largest filler passage (characters): few facts in much filler, like a needle in a haystack
 
 
 def stdlib_texts(split: str, *, heldout_percent: int = 3) -> list[tuple[str, str]]:
@@ -106,9 +107,12 @@ class TrainingData:
     def _synthetic(self, rng: np.random.Generator, length: int, reach: int) -> tuple[np.ndarray, np.ndarray]:
         """A synthetic document of exactly `length` tokens and the answer category of each token."""
         while True:
-            # Filler between events: real text, or (in a quarter of the documents) repeated simple sentences.
-            filler = haystack(rng) if rng.random() < HAYSTACK_FRACTION else (lambda n: self._filler(rng, n))
-            text, spans = retrieval_document(rng, filler, int(length * CHARS_PER_TOKEN * 1.3), reach)
+            # Filler between events: real text, or repeated simple sentences with sparser events.
+            if rng.random() < HAYSTACK_FRACTION:
+                filler, max_gap = haystack(rng), HAYSTACK_GAP
+            else:
+                filler, max_gap = (lambda n: self._filler(rng, n)), 400
+            text, spans = retrieval_document(rng, filler, int(length * CHARS_PER_TOKEN * 1.3), reach, max_gap)
             encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             if len(encoded["input_ids"]) >= length:
                 break

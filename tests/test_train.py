@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import knnmem
 from knnmem.passkey import FILLER, key_sentence, passkey_prompt
-from knnmem.synthetic import NOUNS, attribute, haystack, retrieval_document
+from knnmem.synthetic import NOUNS, SUBJECTS, attribute, haystack, retrieval_document
 from knnmem.tokenizer import train_tokenizer
 from knnmem.train import TrainConfig, Trainer
 from knnmem.training_data import LOCAL_ANSWER, MEMORY_ANSWER
@@ -100,7 +100,12 @@ def test_haystack_filler_and_made_up_attributes_are_not_the_passkey_probe():
     for n in (1, 57, 900):
         assert len(filler(n)) == n
     text, spans = retrieval_document(rng, filler, num_chars=6000, reach=100_000)
-    assert spans and FILLER.split(".")[0] not in text and "pass key" not in text
+    assert spans and "pass key" not in text
+    assert not [sentence for sentence in FILLER.split(". ") if sentence.rstrip(".") in text]
+    texts = [retrieval_document(rng, haystack(rng), num_chars=6000, reach=100_000, max_gap=2000)[0] for _ in range(20)]
+    assert not [s for s in FILLER.split(". ") for text in texts if s.rstrip(".") in text]
+    # Distractor statements of attributes no question asks for ("The door key is 4417.").
+    assert any(f"{subject} {noun} is " in text for subject in SUBJECTS for noun in NOUNS for text in texts)
     made_up = [a for a in (attribute(rng) for _ in range(200)) if a.split()[-1] in NOUNS]
     assert len(set(made_up)) > 50
 
