@@ -10,7 +10,6 @@ from transformers import AutoTokenizer
 
 import knnmem
 from knnmem.demo import DATA, answer_tokens_predicted
-from knnmem.passkey import passkey_prompt
 from knnmem.synthetic import TEMPLATES, entity, value
 
 MODEL = Path(__file__).resolve().parent.parent / "model"
@@ -59,14 +58,3 @@ def test_shipped_model_retrieves_facts_from_thousands_of_tokens_back_through_knn
         total += count
     assert hits["HNSW32"] / total >= KNN_AT_LEAST
     assert hits["HNSW32"] - hits["none"] >= MARGIN * total
-
-
-@pytest.mark.parametrize("depth, pass_key", [(0.1, 40817), (0.45, 2962), (0.8, 31475)])
-def test_shipped_model_finds_a_pass_key_8k_tokens_long_through_knn_memory(shipped, depth, pass_key):
-    model, tokenizer = shipped
-    ids = torch.tensor([passkey_prompt(tokenizer, 8192, depth, pass_key)])
-    key_at = depth * ids.shape[1]
-    assert ids.shape[1] - key_at > 4 * model.config.max_position_embeddings  # the key is only in memory
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=7, do_sample=False, memory=knnmem.Memory.create(model, index="HNSW32"))
-    assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split()[0] == str(pass_key)
