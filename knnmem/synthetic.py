@@ -34,8 +34,7 @@ NOUNS = ("key", "code", "word", "number", "id", "name", "value", "tag", "token",
 # Simple sentences for haystack filler: a few of them repeated, the way long-context probes pad a prompt.
 # Some end in a word or number that can also be a value ("The door is copper.", "The door key is 4417."):
 # distractors that match the last tokens of a question ("... is"), so that an answer must be found by
-# the whole attribute name.
-# None of their nouns is in WORDS, so that "The door code" can never be a fact's made-up attribute.
+# the whole attribute name. No subject's noun is in WORDS: "door key" is never a fact's attribute.
 SUBJECTS = ("The chair", "The road", "The house", "The cat", "The book", "The door", "The wind", "The city",
             "The boat", "The field", "The clock", "The tree", "The night", "The hill", "The wall", "The bell")
 PREDICATES = ("is quiet", "is old", "is warm", "is open", "is far away", "is small", "is bright", "is empty",

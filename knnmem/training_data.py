@@ -108,11 +108,11 @@ class TrainingData:
         """A synthetic document of exactly `length` tokens and the answer category of each token."""
         while True:
             # Filler between events: real text, or repeated simple sentences with sparser events.
+            num_chars = int(length * CHARS_PER_TOKEN * 1.3)
             if rng.random() < HAYSTACK_FRACTION:
-                filler, max_gap = haystack(rng), HAYSTACK_GAP
+                text, spans = retrieval_document(rng, haystack(rng), num_chars, reach, max_gap=HAYSTACK_GAP)
             else:
-                filler, max_gap = (lambda n: self._filler(rng, n)), 400
-            text, spans = retrieval_document(rng, filler, int(length * CHARS_PER_TOKEN * 1.3), reach, max_gap)
+                text, spans = retrieval_document(rng, lambda n: self._filler(rng, n), num_chars, reach)
             encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             if len(encoded["input_ids"]) >= length:
                 break

@@ -153,6 +153,16 @@ def test_retrieval_quality_on_real_queries(make_model):
     assert knnmem.retrieval_quality(model, ids, index="dense").mass_captured == 1.0
 
 
+@pytest.mark.parametrize("options, expected", [(dict(k=24), 24), (dict(k=24, efSearch=100), 100)])
+def test_hnsw_searches_at_least_k_candidates_unless_told(make_model, ids, options, expected):
+    model = make_model()
+    memory = knnmem.Memory.create(model, index="HNSW32", **options)
+    forward(model, ids, memory)
+    indexes = [index for backend in memory._backends.values() for row in backend._rows for index in row]
+    assert indexes and {faiss.downcast_index(index.index).hnsw.efSearch for index in indexes} == {expected}
+    assert memory.empty_like()._options()["efSearch"] == expected
+
+
 def test_beam_search_with_faiss_memory_runs(make_model):
     model = make_model()
     prompt = torch.randint(1, 96, (1, 30))
