@@ -119,6 +119,9 @@ def plot_passkey(results: list[PasskeyResult], path) -> None:
         ax.plot(*zip(*points), marker="o", label=spec)
     ax.set(xscale="log", xlabel="prompt tokens", ylabel="pass keys retrieved (%)", ylim=(-5, 105),
            title="Pass-key retrieval")
+    lengths = sorted({r.length for r in results})
+    ax.minorticks_off()
+    ax.set_xticks(lengths, [f"{length:,}" for length in lengths])
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
