@@ -106,9 +106,9 @@ class TrainingData:
 
     def _synthetic(self, rng: np.random.Generator, length: int, reach: int) -> tuple[np.ndarray, np.ndarray]:
         """A synthetic document of exactly `length` tokens and the answer category of each token."""
+        num_chars = int(length * CHARS_PER_TOKEN * 1.3)
         while True:
             # Filler between events: real text, or repeated simple sentences with sparser events.
-            num_chars = int(length * CHARS_PER_TOKEN * 1.3)
             if rng.random() < HAYSTACK_FRACTION:
                 text, spans = retrieval_document(rng, haystack(rng), num_chars, reach, max_gap=HAYSTACK_GAP)
             else:
