@@ -79,10 +79,10 @@ def measure(model, memory: ProbedMemory, params: dict, prompt: torch.Tensor, dec
 
 
 def build(model, source: knnmem.Memory, spec: str, k: int) -> tuple[ProbedMemory, dict]:
-    """Re-index `source` under `spec` ("+l2" suffix: inner-product-to-L2 reduction)."""
+    """Re-index `source` under `spec` ("+l2" suffix: inner-product-to-L2 reduction, else none)."""
     rss_before, start = rss_bytes(), time.perf_counter()
     index, l2 = spec.removesuffix("+l2"), spec.endswith("+l2")
-    options = {} if spec == "dense" else dict(k=k, **({"l2_reduction": True} if l2 else {}))
+    options = {} if index == "dense" else dict(k=k) if index == "torch" else dict(k=k, l2_reduction=l2)
     memory = ProbedMemory.create(model, index=index, **options)
     memory.extend(source)
     return memory, dict(build_s=time.perf_counter() - start, rss_gb=(rss_bytes() - rss_before) / 2**30)

@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="indexes/demo", help="store directory (default indexes/demo)")
     p.add_argument("--index", default=DEFAULT_INDEX)
     p.add_argument("--k", type=int, default=DEFAULT_K)
-    p.add_argument("--compare", nargs="+", default=["Flat", DEFAULT_INDEX, "IVF64,Flat"],
+    p.add_argument("--compare", nargs="+", default=["Flat", "HNSW32", "IVF256,Flat"],
                    help="index specs compared with exact memory at the end")
     p.set_defaults(func=cmd_demo)
 

@@ -85,7 +85,11 @@ def run_demo(model_dir: str | Path, store_dir: str | Path, *, index: str, k: int
     print(f"1. Indexing the demo corpus ({DATA / 'corpus.jsonl'}) with {index} (k={k}) into {store_dir}")
     started = time.perf_counter()
     built = index_corpus(model, tokenizer, [DATA / "corpus.jsonl"], path=store_dir, index=index, k=k)
-    print(f"   {len(built.documents)} documents, {len(built):,} tokens, {time.perf_counter() - started:.0f} s\n")
+    print(f"   {len(built.documents)} documents, {len(built):,} tokens, {time.perf_counter() - started:.0f} s")
+    train_size = getattr(built.layer(built.layers[0]), "train_size", 0)
+    if train_size > len(built):
+        print(f"   {index} trains once a memory holds {train_size:,} entries: until then it is searched exactly")
+    print()
 
     started = time.perf_counter()
     memory = Memory.load(store_dir, model=model)

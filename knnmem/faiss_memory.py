@@ -40,13 +40,22 @@ def new_index(spec: str, head_dim: int, l2_reduction: bool = False) -> faiss.Ind
         raise ValueError(f"invalid Faiss index spec {spec!r} for dimension {head_dim}: {first_line}") from None
 
 
-def default_train_size(index: faiss.Index, spec: str) -> int:
-    """Entries needed before training: Faiss's recommended 39 points per centroid (IVF and PQ codebooks)."""
+def centroids(index: faiss.Index, spec: str) -> int:
+    """The most centroids training must place (IVF lists, PQ codebooks); 0 if `index` needs no training."""
     if index.is_trained:
         return 0
     ivf = faiss.try_extract_index_ivf(index)
-    centroids = max(ivf.nlist if ivf is not None else 1, 256 if "PQ" in spec.upper() else 1)
-    return 39 * centroids
+    return max(ivf.nlist if ivf is not None else 1, 256 if "PQ" in spec.upper() else 1)
+
+
+def default_search_params(index: faiss.Index, k: int) -> dict:
+    """What knnmem searches `index` with unless told: enough candidates for k results (see `FaissMemory`)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        return {"nprobe": max(1, ivf.nlist // 32)}
+    if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
+        return {"efSearch": k}
+    return {}
 
 
 @contextmanager
@@ -67,13 +76,16 @@ class FaissMemory:
         spec: Faiss factory string.
         k: entries retrieved per query and head.
         train_size: valid entries a row needs before its indexes are trained (IVF/PQ only).
-        search_params: Faiss search parameters such as `efSearch` or `nprobe`. HNSW indexes search with
-            `efSearch=k` unless given: Faiss's default of 16 keeps too short a candidate list for k=128
-            (the README's index measurements show what it costs).
+        search_params: Faiss search parameters such as `efSearch` or `nprobe`. Unless given, HNSW
+            indexes search with `efSearch=k` and IVF indexes probe `nprobe=nlist/32` lists: Faiss's
+            defaults (16 and 1) keep far too few candidates for k=128 (the README's index measurements
+            show what they cost).
         l2_reduction: index keys k as [k, sqrt(R² - |k|²)] and queries q as [q, 0] under L2, where R is
             the largest key norm when the index first receives keys: |q' - k'|² = |q|² + R² - 2 q·k, so
             L2 order is inner-product order, and L2 k-means partitions suit inner-product queries. Keys
-            arriving later with a norm above R get 0 as extra coordinate (slightly favoured).
+            arriving later with a norm above R get 0 as extra coordinate (slightly favoured). Default:
+            on for IVF indexes storing full vectors (`IVF...,Flat`), where it raises recall@128 on the
+            model's queries from 0.6 to 0.95 at the same cost; off otherwise.
     """
 
     def __init__(
@@ -86,17 +98,23 @@ class FaissMemory:
         k: int,
         train_size: int | None = None,
         search_params: dict | None = None,
-        l2_reduction: bool = False,
+        l2_reduction: bool | None = None,
     ):
         self.buffer = EntryBuffer(num_heads=num_heads, head_dim=head_dim, dtype=dtype)
+        if l2_reduction is None:
+            l2_reduction = isinstance(faiss.downcast_index(new_index(spec, head_dim)), faiss.IndexIVFFlat)
         self.spec, self.k, self.l2_reduction = spec, k, l2_reduction
         probe = new_index(spec, head_dim, l2_reduction)
-        self.train_size = default_train_size(probe, spec) if train_size is None else train_size
+        self.train_size = 39 * centroids(probe, spec) if train_size is None else train_size  # Faiss's advice
+        ivf = faiss.try_extract_index_ivf(probe)
+        if ivf is not None and self.train_size < ivf.nlist:
+            raise ValueError(f"train_size {self.train_size} is below the {ivf.nlist} lists of {spec!r}: "
+                             "k-means needs at least one entry per list")
         self._loaded_rows: list[list[faiss.Index]] = []  # [row][head], each wrapped in IndexIDMap2
         self._bounds: list[list[float | None]] = []  # [row][head]: R of the L2 reduction
         self._pending: Callable[[], tuple[list[list[faiss.Index]], list[list[float | None]]]] | None = None
         self.search_params: dict = {}
-        defaults = {"efSearch": k} if isinstance(faiss.downcast_index(probe), faiss.IndexHNSW) else {}
+        defaults = default_search_params(probe, k)
         self.set_search_params(**{**defaults, **(search_params or {})})  # validates names before any entry arrives
 
     @property

@@ -163,6 +163,23 @@ def test_hnsw_searches_at_least_k_candidates_unless_told(make_model, ids, option
     assert memory.empty_like()._options()["efSearch"] == expected
 
 
+@pytest.mark.parametrize(
+    "spec, options, l2, nprobe",
+    [("IVF64,Flat", {}, True, 2), ("IVF64,Flat", dict(l2_reduction=False, nprobe=5), False, 5),
+     ("IVF64,PQ4x4", {}, False, 2)],
+)
+def test_ivf_defaults_probe_a_32nd_of_the_lists_and_reduce_flat_ones_to_l2(spec, options, l2, nprobe):
+    memory = knnmem.Memory(layers=[0], num_heads=2, head_dim=16, dtype=torch.float32, index=spec, k=8,
+                           train_size=300, **options)
+    keys = torch.randn(1, 2, 400, 16)
+    memory.add(0, keys, keys, torch.ones(1, 400, dtype=torch.bool))
+    indexes = [faiss.extract_index_ivf(index.index) for row in memory.layer(0)._rows for index in row]
+    assert len(indexes) == 2 and all(index.is_trained and index.ntotal == 400 for index in indexes)
+    assert {index.nprobe for index in indexes} == {nprobe}
+    assert {index.d for index in indexes} == {16 + l2}
+    assert memory.l2_reduction is l2 and memory.empty_like()._options()["l2_reduction"] is l2
+
+
 def test_beam_search_with_faiss_memory_runs(make_model):
     model = make_model()
     prompt = torch.randint(1, 96, (1, 30))
@@ -178,6 +195,7 @@ def test_beam_search_with_faiss_memory_runs(make_model):
         (dict(index="HNSW32", nprobe=3), "search parameter 'nprobe' does not apply"),
         (dict(index="dense", efSearch=3), "takes no Faiss options"),
         (dict(index="Flat", k=0), "k must be a positive integer"),
+        (dict(index="IVF64,Flat", train_size=63), "train_size 63 is below the 64 lists"),
     ],
 )
 def test_bad_memory_options(make_model, kwargs, message):
