@@ -106,21 +106,30 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (decode, prefill, recall) = plt.subplots(1, 3, figsize=(16, 4.5))
     indexes = list(dict.fromkeys(r["index"] for r in rows))
     for i, index in enumerate(indexes):
         color = plt.cm.tab20(i % 20)
-        points = sorted((r["memory_tokens"], r["decode_ms"], r["recall"]) for r in rows if r["index"] == index)
-        left.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=color, label=index)
-        right.scatter([p[1] for p in points], [p[2] for p in points], color=color, label=index)
-    left.set(xscale="log", yscale="log", xlabel="memory tokens", ylabel="decode ms / token", title="Decode latency")
-    right.set(xscale="log", xlabel="decode ms / token", ylabel="recall@k (real queries)", title="Recall vs latency")
-    for axis in (left.xaxis, left.yaxis, right.xaxis):
+        points = sorted((r["memory_tokens"], r["decode_ms"], r["prefill_tok_s"], r["recall"])
+                        for r in rows if r["index"] == index)
+        sizes = [p[0] for p in points]
+        decode.plot(sizes, [p[1] for p in points], marker="o", color=color, label=index)
+        prefill.plot(sizes, [p[2] for p in points], marker="o", color=color, label=index)
+        recall.scatter([p[1] for p in points], [p[3] for p in points], color=color, label=index)
+    decode.set(yscale="log", ylabel="decode ms / token", title="Decode latency")
+    prefill.set(yscale="log", ylabel="window prefill tokens / s", title="Prefill throughput")
+    recall.set(xscale="log", xlabel="decode ms / token", ylabel="recall@k (real queries)", title="Recall vs latency")
+    sizes = sorted({r["memory_tokens"] for r in rows})
+    for axis in (decode, prefill):
+        axis.set(xscale="log", xlabel="memory tokens")
+        axis.minorticks_off()
+        axis.set_xticks(sizes, [f"{size // 1024:,}k" if size < 1 << 20 else f"{size / (1 << 20):g}M" for size in sizes])
+    for axis in (decode.yaxis, prefill.yaxis, recall.xaxis):
         axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    left.legend(fontsize=7)
+    decode.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
