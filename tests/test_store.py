@@ -58,6 +58,7 @@ def test_saved_and_reloaded_memory_gives_identical_results(model, tmp_path, inde
     memory.save(tmp_path / "store")
     loaded = knnmem.Memory.load(tmp_path / "store", model=model)
     assert len(loaded) == len(memory) and loaded.index == index and loaded.k == memory.k
+    assert loaded._options() == memory._options()  # train_size, l2_reduction and search parameters
     assert torch.equal(read(model, loaded, query), expected)
     # Generation writes overflow into memory: a writable load inserts it exactly like the in-RAM memory.
     prompt = torch.randint(1, 96, (1, 20))
