@@ -116,7 +116,8 @@ def plot_passkey(results: list[PasskeyResult], path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for spec in dict.fromkeys(r.memory for r in results):
         points = [(r.length, 100 * r.accuracy) for r in results if r.memory == spec]
-        ax.plot(*zip(*points), marker="o", label=spec)
+        wide = dict(linewidth=7, alpha=0.35, markersize=11) if spec == "dense" else {}  # visible under overlaps
+        ax.plot(*zip(*points), marker="o", label=spec, **wide)
     ax.set(xscale="log", xlabel="prompt tokens", ylabel="pass keys retrieved (%)", ylim=(-5, 105),
            title="Pass-key retrieval")
     lengths = sorted({r.length for r in results})
