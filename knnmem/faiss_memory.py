@@ -101,10 +101,10 @@ class FaissMemory:
         l2_reduction: bool | None = None,
     ):
         self.buffer = EntryBuffer(num_heads=num_heads, head_dim=head_dim, dtype=dtype)
+        probe = new_index(spec, head_dim)  # type, lists and training needs are those of the reduced index too
         if l2_reduction is None:
-            l2_reduction = isinstance(faiss.downcast_index(new_index(spec, head_dim)), faiss.IndexIVFFlat)
+            l2_reduction = isinstance(faiss.downcast_index(probe), faiss.IndexIVFFlat)
         self.spec, self.k, self.l2_reduction = spec, k, l2_reduction
-        probe = new_index(spec, head_dim, l2_reduction)
         self.train_size = 39 * centroids(probe, spec) if train_size is None else train_size  # Faiss's advice
         ivf = faiss.try_extract_index_ivf(probe)
         if ivf is not None and self.train_size < ivf.nlist:
