@@ -31,13 +31,13 @@ def new_index(spec: str, head_dim: int, l2_reduction: bool = False) -> faiss.Ind
     With `l2_reduction`, the index is an L2 index over vectors with one extra coordinate (see
     `FaissMemory`), whose L2 ranking equals the inner-product ranking of the original vectors.
     """
+    dim, metric = (head_dim + 1, faiss.METRIC_L2) if l2_reduction else (head_dim, faiss.METRIC_INNER_PRODUCT)
     try:
-        if l2_reduction:
-            return faiss.index_factory(head_dim + 1, spec, faiss.METRIC_L2)
-        return faiss.index_factory(head_dim, spec, faiss.METRIC_INNER_PRODUCT)
+        return faiss.index_factory(dim, spec, metric)
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[-1]
-        raise ValueError(f"invalid Faiss index spec {spec!r} for dimension {head_dim}: {first_line}") from None
+        reduced = " (head dimension + 1, for the L2 reduction)" if l2_reduction else ""
+        raise ValueError(f"invalid Faiss index spec {spec!r} for dimension {dim}{reduced}: {first_line}") from None
 
 
 def centroids(index: faiss.Index, spec: str) -> int:

@@ -196,6 +196,7 @@ def test_beam_search_with_faiss_memory_runs(make_model):
         (dict(index="dense", efSearch=3), "takes no Faiss options"),
         (dict(index="Flat", k=0), "k must be a positive integer"),
         (dict(index="IVF64,Flat", train_size=63), "train_size 63 is below the 64 lists"),
+        (dict(index="IVF4,PQ8", l2_reduction=True), r"dimension 9 \(head dimension \+ 1"),
     ],
 )
 def test_bad_memory_options(make_model, kwargs, message):
