@@ -3,8 +3,9 @@
 Index specs are Faiss factory strings ("Flat", "HNSW32", "IVF1024,Flat", "IVF1024,PQ16", ...) built
 with METRIC_INNER_PRODUCT, so retrieval ranks entries by q·k, the attention score before scaling.
 Indexes that need training (IVF, PQ) are trained once a row holds `train_size` valid entries; until
-then that row is searched exactly. Index ids are the entry ids of the layer's `EntryBuffer`. For a
-model on CUDA with faiss-gpu installed, index types Faiss supports on GPU are built there.
+then that row is searched exactly, as is a row holding no more than k entries. Index ids are the
+entry ids of the layer's `EntryBuffer`. For a model on CUDA with faiss-gpu installed, index types
+Faiss supports on GPU are built there.
 """
 
 from __future__ import annotations
@@ -210,11 +211,13 @@ class FaissMemory:
             found = index.search(np.ascontiguousarray(queries32[b, j].numpy()), k)[1]
             ids[b, j] = torch.from_numpy(found)
 
-        trained = [b for b in range(batch) if self._rows[b][0].is_trained]
-        tasks = [(b, j) for b in trained for j in range(num_heads)]
+        # Rows an index answers: trained, and holding more entries than k (else the top k are all of
+        # them, which an approximate index such as HNSW may not return in full).
+        indexed = [b for b in range(batch) if self._rows[b][0].is_trained and self._rows[b][0].ntotal > self.k]
+        tasks = [(b, j) for b in indexed for j in range(num_heads)]
         with _single_threaded_faiss():
             list(_POOL.map(search_one, tasks))
-        for b in set(range(batch)) - set(trained):  # not trained yet: exact search
+        for b in set(range(batch)) - set(indexed):  # exact search
             ids[b : b + 1] = exact_top_k(
                 queries[b : b + 1], self.buffer.keys[b : b + 1, heads], self.buffer.valid[b : b + 1], k
             ).cpu()

@@ -104,6 +104,15 @@ def test_l2_reduction_ranks_by_inner_product():
     assert not torch.equal(plain_l2.sort(-1).values, exact[0, 0].sort(-1).values)  # the reduction matters
 
 
+def test_k_covering_a_row_retrieves_every_entry_even_where_the_index_would_miss_some():
+    torch.manual_seed(0)
+    keys = torch.randn(1, 1, 3000, 16) * torch.rand(1, 1, 3000, 1) * 3  # varied norms: HNSW misses a few
+    queries = torch.randn(1, 1, 20, 16)
+    memory = knnmem.Memory(layers=[0], num_heads=1, head_dim=16, dtype=torch.float32, index="HNSW32", k=3000)
+    memory.add(0, keys, keys, torch.ones(1, 3000, dtype=torch.bool))
+    assert memory.search(0, queries, slice(0, 1)).valid.all()
+
+
 def test_masked_entries_are_never_inserted_in_faiss():
     memory = knnmem.Memory(layers=[3], num_heads=2, head_dim=8, dtype=torch.float32, index="Flat", k=4)
     valid = torch.tensor([[True, False, True, True], [False, False, True, True]])
