@@ -171,13 +171,13 @@ def cmd_passkey(args) -> None:
     from dataclasses import asdict
     from pathlib import Path
 
-    from .passkey import passkey_sweep, passkey_table, plot_passkey
+    from .passkey import passkey_misses, passkey_sweep, passkey_table, plot_passkey
 
     spec = check_spec(args.index)
     model, tokenizer = load_model(args.model)
     results = passkey_sweep(model, tokenizer, args.lengths, index=spec, k=args.k,
                             exact_up_to=args.exact_up_to, trials=args.trials, seed=args.seed)
-    print(passkey_table(results))
+    print("\n".join([passkey_table(results), *passkey_misses(results)]))
     if args.report:
         report = Path(args.report)
         report.mkdir(parents=True, exist_ok=True)

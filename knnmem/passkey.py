@@ -82,6 +82,7 @@ class PasskeyResult:
     accuracy: float
     trials: int
     seconds_per_trial: float
+    attempts: list[PasskeyTrial]  # each trial: depth, key, answer, outcome
 
 
 def passkey_sweep(model, tokenizer, lengths: list[int], *, index: str, k: int, exact_up_to: int, trials: int,
@@ -96,7 +97,7 @@ def passkey_sweep(model, tokenizer, lengths: list[int], *, index: str, k: int, e
             done = run_passkey(model, tokenizer, length, trials=trials, seed=seed,
                                memory_factory=lambda: Memory.create(model, index=spec, **options))
             results.append(PasskeyResult(length, spec, float(np.mean([t.correct for t in done])), trials,
-                                         float(np.mean([t.seconds for t in done]))))
+                                         float(np.mean([t.seconds for t in done])), done))
     return results
 
 
@@ -105,6 +106,12 @@ def passkey_table(results: list[PasskeyResult]) -> str:
     lines += [f"| {r.memory} | {r.length:,} | {100 * r.accuracy:.0f}% | {r.trials} | {r.seconds_per_trial:.1f} |"
               for r in results]
     return "\n".join(lines)
+
+
+def passkey_misses(results: list[PasskeyResult]) -> list[str]:
+    """One line per missed trial: where the key was and what the model answered instead."""
+    return [f"missed: {r.memory}, {t.length:,} tokens, depth {t.depth:.2f}, key {t.pass_key}, answered {t.answer!r}"
+            for r in results for t in r.attempts if not t.correct]
 
 
 def plot_passkey(results: list[PasskeyResult], path) -> None:

@@ -85,6 +85,11 @@ def test_passkey_reports_each_length_and_memory(model_dir, tmp_path, capsys):
                  "--index", "Flat", "--trials", "2", "--report", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "passkey.json").read_text())
     assert [(r["length"], r["memory"]) for r in results] == [(100, "dense"), (100, "Flat"), (200, "Flat")]
+    for r in results:  # every trial is on record, and the accuracy is theirs
+        assert len(r["attempts"]) == 2 and all(0 <= a["depth"] <= 1 for a in r["attempts"])
+        assert r["accuracy"] == sum(a["correct"] for a in r["attempts"]) / 2
+    misses = [a for r in results for a in r["attempts"] if not a["correct"]]
+    assert capsys.readouterr().out.count("missed: ") == len(misses)
     assert (tmp_path / "passkey.png").stat().st_size > 0
 
 
