@@ -40,6 +40,17 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
                             help=f"(default: {default})")
 
 
+def parse_positive(text: str) -> int:
+    """A count that must be at least 1 (trials, k, new tokens)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def parse_tokens(text: str) -> int:
     """'4096', '4k' (4096) or '1M' (1048576) as a number of tokens."""
     units = {"k": 1 << 10, "m": 1 << 20}
@@ -220,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--out", required=True, help="store directory to write, e.g. indexes/NAME")
     p.add_argument("--index", default=DEFAULT_INDEX, help=f"dense, torch or a Faiss factory string (default {DEFAULT_INDEX})")
-    p.add_argument("--k", type=int, default=DEFAULT_K, help=f"entries retrieved per query and head (default {DEFAULT_K})")
+    p.add_argument("--k", type=parse_positive, default=DEFAULT_K, help=f"entries retrieved per query and head (default {DEFAULT_K})")
     p.add_argument("--include", default="*.txt", help="file pattern inside folders (default *.txt)")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text (default text)")
     p.set_defaults(func=cmd_index)
@@ -229,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--memory", required=True, help="store directory written by `knnmem index`")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--k", type=int, default=None, help="override the store's k")
+    p.add_argument("--max-new-tokens", type=parse_positive, default=32)
+    p.add_argument("--k", type=parse_positive, default=None, help="override the store's k")
     p.add_argument("--explain", action="store_true", help="list the stored passages the memory layers attended to")
     p.set_defaults(func=cmd_generate)
 
@@ -250,9 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--lengths", type=parse_token_list, default=parse_token_list("4k,16k,64k"))
     p.add_argument("--index", default=DEFAULT_INDEX)
-    p.add_argument("--k", type=int, default=DEFAULT_K)
+    p.add_argument("--k", type=parse_positive, default=DEFAULT_K)
     p.add_argument("--exact-up-to", type=parse_tokens, default=1 << 16, help="also run dense memory up to this length")
-    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--trials", type=parse_positive, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", help="directory for passkey.json and passkey.png")
     p.set_defaults(func=cmd_passkey)
@@ -266,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="model", help="model directory (default: the shipped model/)")
     p.add_argument("--out", default="indexes/demo", help="store directory (default indexes/demo)")
     p.add_argument("--index", default=DEFAULT_INDEX)
-    p.add_argument("--k", type=int, default=DEFAULT_K)
+    p.add_argument("--k", type=parse_positive, default=DEFAULT_K)
     p.add_argument("--compare", nargs="+", default=["Flat", "HNSW32", "IVF256,Flat"],
                    help="index specs compared with exact memory at the end")
     p.set_defaults(func=cmd_demo)

@@ -59,6 +59,8 @@ def run_passkey(model, tokenizer, length: int, *, trials: int, memory_factory, s
         memory_factory: called with no arguments for each trial; returns the `knnmem.Memory` to use.
         progress: show a progress bar over the trials.
     """
+    if trials < 1:
+        raise ValueError(f"trials must be at least 1, got {trials}")
     rng = np.random.default_rng([seed, length])
     results = []
     for _ in tqdm(range(trials), desc=f"pass key, {length:,} tokens", unit="trial", leave=False, disable=not progress):

@@ -109,6 +109,14 @@ def test_bad_input_is_one_clear_line(argv, message, model_dir, tmp_path, capsys)
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("option", ["--trials", "--k"])
+def test_counts_below_one_are_refused_before_any_work(option, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["passkey", "--model", "/no/such/model", option, "0"])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: expected a positive integer, got '0'" in capsys.readouterr().err
+
+
 def test_store_of_another_model_is_refused(store, model_dir, tmp_path, capsys):
     other = tmp_path / "other"
     model = knnmem.LongLlamaForCausalLM.from_pretrained(model_dir)

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import knnmem
-from knnmem.passkey import FILLER, key_sentence, passkey_prompt
+from knnmem.passkey import FILLER, key_sentence, passkey_prompt, run_passkey
 from knnmem.synthetic import NOUNS, SUBJECTS, attribute, haystack, retrieval_document
 from knnmem.tokenizer import train_tokenizer
 from knnmem.train import TrainConfig, Trainer
@@ -205,3 +205,8 @@ def test_passkey_prompt_length_and_depth(tokenizer):
         where = text.index(key_sentence(4242)) / len(text)
         assert abs(where - depth) < 0.1
         assert text.endswith("What is the pass key? The pass key is")
+
+
+def test_passkey_needs_a_trial():
+    with pytest.raises(ValueError, match="trials must be at least 1, got 0"):
+        run_passkey(None, None, 1000, trials=0, memory_factory=None)
