@@ -127,6 +127,11 @@ def plot_passkey(results: list[PasskeyResult], path) -> None:
         points = [(r.length, 100 * r.accuracy) for r in results if r.memory == spec]
         wide = dict(linewidth=7, alpha=0.35, markersize=11) if spec == "dense" else {}  # visible under overlaps
         ax.plot(*zip(*points), marker="o", label=spec, **wide)
+    most = max(r.trials for r in results)
+    for r in results:  # a point from fewer trials than the others says so
+        if r.trials < most:
+            ax.annotate(f"{r.trials} trials", (r.length, 100 * r.accuracy), textcoords="offset points",
+                        xytext=(0, -14), ha="center", fontsize=8)
     ax.set(xscale="log", xlabel="prompt tokens", ylabel="pass keys retrieved (%)", ylim=(-5, 105),
            title="Pass-key retrieval")
     lengths = sorted({r.length for r in results})
