@@ -5,6 +5,7 @@ over local context and retrieved memory. Modules in `modeling.py` only project a
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,17 @@ def local_mask(valid: torch.Tensor, num_queries: int) -> torch.Tensor:
     return causal[None, None] & valid[:, None, None, :].bool()
 
 
+class CrossBatch(NamedTuple):
+    """FoT's training-time memory: memory layers of row b read rows b-1, ..., b-`distance` of the batch.
+
+    With `top_k`, each query attends to only the `top_k` highest-scoring of those entries, the ones a
+    top-k memory would retrieve at inference; None attends to all of them (FoT's dense training).
+    """
+
+    distance: int
+    top_k: int | None = None
+
+
 def cross_batch_hits(keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, distance: int) -> MemoryHits:
     """Memory of FoT's cross-batch attention: row b sees the keys and values of rows b-1, ..., b-distance.
 
@@ -90,6 +102,7 @@ def attend(
     mask: torch.Tensor,
     hits: MemoryHits | None = None,
     *,
+    top_k: int | None = None,
     use_sdpa: bool = False,
 ) -> torch.Tensor:
     """Attention of `queries` over local keys plus optional memory hits, with one softmax.
@@ -100,6 +113,7 @@ def attend(
         mask: (B, 1, T, S) boolean, True where a query may see a local key.
         hits: memory entries retrieved for these queries: shared by all queries (keys (B, H, M, D)) or
             per query (keys (B, H, T, K, D)); `hits.valid` marks entries that may receive attention.
+        top_k: with shared hits, each query attends to only its `top_k` highest-scoring valid entries.
         use_sdpa: use the fused kernel where the key set is shared by several queries.
 
     Returns:
@@ -109,7 +123,7 @@ def attend(
     shared = hits is None or hits.keys.dim() == 4
     # The fused kernel saves the (T x M) score matrix; for a single query there is none to save, and
     # concatenating the memory to the local keys would cost more than the plain product.
-    if use_sdpa and shared and queries.shape[-2] > 1:
+    if use_sdpa and shared and top_k is None and queries.shape[-2] > 1:
         if hits is not None:
             keys = torch.cat([keys, hits.keys.to(keys.dtype)], dim=-2)
             values = torch.cat([values, hits.values.to(values.dtype)], dim=-2)
@@ -132,6 +146,10 @@ def attend(
     else:
         mem_scores = torch.einsum("bhtd,bhtkd->bhtk", queries, mem_keys).div_(scale)  # (B, H, T, K)
         mem_valid = hits.valid
+    if shared and top_k is not None and top_k < mem_scores.shape[-1]:
+        floor = torch.finfo(mem_scores.dtype).min  # invalid entries are chosen last
+        best = mem_scores.masked_fill(~mem_valid, floor).topk(top_k, dim=-1).indices
+        mem_valid = mem_valid & torch.zeros_like(mem_scores, dtype=torch.bool).scatter_(-1, best, True)
     if not bool(mem_valid.all()):
         mem_scores.masked_fill_(~mem_valid, min_score(mem_scores.dtype))
     # One float32 softmax over [local, memory], then one product with [local, memory] values: the

@@ -16,7 +16,7 @@ from transformers.activations import ACT2FN
 from transformers.generation.stopping_criteria import MaxLengthCriteria
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .attention import apply_rotary, attend, cross_batch_hits, local_mask, relative_positions
+from .attention import CrossBatch, apply_rotary, attend, cross_batch_hits, local_mask, relative_positions
 from .cache import LongLlamaCache
 from .config import LongLlamaConfig, check_last_context_length
 from .memory import Memory
@@ -83,7 +83,7 @@ class LongLlamaAttention(nn.Module):
         valid: torch.Tensor,
         past: tuple[torch.Tensor, ...] | None,
         memory: Memory | None,
-        cross_batch: int = 0,
+        cross_batch: CrossBatch | None = None,
     ) -> tuple[torch.Tensor, KeyValue]:
         q, k, v = self._heads(self.q_proj(hidden)), self._heads(self.k_proj(hidden)), self._heads(self.v_proj(hidden))
         num_queries = q.shape[2]
@@ -99,8 +99,9 @@ class LongLlamaAttention(nn.Module):
             keys = apply_rotary(keys, rel, self.rope_theta)
         mask = local_mask(span_valid, num_queries)  # (B, 1, T, S)
 
-        if self.is_memory_layer and cross_batch:
-            out = attend(q, keys, values, mask, cross_batch_hits(k, v, valid, cross_batch), use_sdpa=self.use_sdpa)
+        if self.is_memory_layer and cross_batch is not None and cross_batch.distance:
+            hits = cross_batch_hits(k, v, valid, cross_batch.distance)
+            out = attend(q, keys, values, mask, hits, top_k=cross_batch.top_k, use_sdpa=self.use_sdpa)
         elif not self.is_memory_layer or memory is None or not len(memory):
             out = attend(q, keys, values, mask, use_sdpa=self.use_sdpa)
         else:
@@ -135,7 +136,7 @@ class LongLlamaDecoderLayer(nn.Module):
         self.input_layernorm = LongLlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = LongLlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden, positions, valid, past, memory, cross_batch=0) -> tuple[torch.Tensor, KeyValue]:
+    def forward(self, hidden, positions, valid, past, memory, cross_batch=None) -> tuple[torch.Tensor, KeyValue]:
         attn_out, new_kv = self.self_attn(self.input_layernorm(hidden), positions, valid, past, memory, cross_batch)
         hidden = hidden + attn_out
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
@@ -213,6 +214,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         memory: Memory | None = None,
         last_context_length: int | None = None,
         cross_batch_range: int | None = None,
+        cross_batch_top_k: int | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """Run an input of any length.
@@ -227,6 +229,8 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             last_context_length: tokens at the end kept out of memory (default: the config's).
             cross_batch_range: training mode of FoT: one window per row, no cache and no memory; memory
                 layers attend to the previous `cross_batch_range` rows of the batch instead (0: none).
+            cross_batch_top_k: with `cross_batch_range`, each query of a memory layer attends to only
+                this many of those rows' entries, the highest-scoring ones (None: all of them).
         """
         cache = _cache_argument(cache, kwargs)
         _reject_unsupported(kwargs)
@@ -254,8 +258,13 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
                     "cross_batch_range (training) needs inputs of at most one window "
                     f"({window} tokens, got {length}), no cache, no memory, and a range >= 0"
                 )
-            hidden, _ = self._forward_chunk(embeds, positions, valid, None, None, cross_batch_range)
+            if cross_batch_top_k is not None and cross_batch_top_k < 1:
+                raise ValueError(f"cross_batch_top_k must be at least 1 (or None), got {cross_batch_top_k}")
+            cross_batch = CrossBatch(cross_batch_range, cross_batch_top_k)
+            hidden, _ = self._forward_chunk(embeds, positions, valid, None, None, cross_batch)
             return BaseModelOutputWithPast(last_hidden_state=hidden)
+        if cross_batch_top_k is not None:
+            raise ValueError("cross_batch_top_k applies to cross-batch training only; give cross_batch_range too")
         memory = _resolve_memory(memory, cache, config)
         memory.check_batch(batch)
         if use_cache and cache is None:
@@ -285,7 +294,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             last_hidden_state=torch.cat(hidden_out, dim=1), cache=cache if use_cache else None
         )
 
-    def _forward_chunk(self, embeds, positions, valid, cache, memory, cross_batch=0) -> tuple[torch.Tensor, list[KeyValue]]:
+    def _forward_chunk(self, embeds, positions, valid, cache, memory, cross_batch=None) -> tuple[torch.Tensor, list[KeyValue]]:
         """One chunk through every layer; returns final hidden states and each layer's new (k, v)."""
         hidden, new_kv = embeds, []
         every = self.config.gradient_checkpoint_every_ith
@@ -350,6 +359,7 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
         memory: Memory | None = None,
         last_context_length: int | None = None,
         cross_batch_range: int | None = None,
+        cross_batch_top_k: int | None = None,
         logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
@@ -365,6 +375,7 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
             memory=memory,
             last_context_length=last_context_length,
             cross_batch_range=cross_batch_range,
+            cross_batch_top_k=cross_batch_top_k,
             **kwargs,
         )
         hidden = outputs.last_hidden_state

@@ -53,6 +53,7 @@ class TrainConfig:
     init_from: str | None = None
     # FoT.
     cross_batch_range: int = 3
+    memory_top_k: int = 0  # > 0: memory layers attend to only the k best cross-batch entries (0: all)
     k_pack: int = 4
     # Data.
     rows: int = 16
@@ -91,6 +92,8 @@ class TrainConfig:
             raise ValueError("need steps >= 1, warmup_steps >= 0 and min_lr_ratio in [0, 1]")
         if self.cross_batch_range < 0 or self.cross_batch_range >= self.rows:
             raise ValueError(f"cross_batch_range must lie in [0, rows), got {self.cross_batch_range} with {self.rows} rows")
+        if self.memory_top_k < 0:
+            raise ValueError(f"memory_top_k must be >= 0 (0 attends to every cross-batch entry), got {self.memory_top_k}")
 
     def run_device(self) -> torch.device:
         """`device`, with "auto" meaning CUDA where available, else the CPU."""
@@ -257,7 +260,7 @@ class Trainer:
         with autocast:
             logits = self.model(input_ids=ids, use_cache=False,
                                 cross_batch_range=self.config.cross_batch_range if cross_batch_range is None
-                                else cross_batch_range).logits
+                                else cross_batch_range, cross_batch_top_k=self.config.memory_top_k or None).logits
         losses = torch.nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none"
         )

@@ -37,6 +37,33 @@ def test_cross_batch_row_equals_inference_with_previous_rows_in_memory(mem_posit
             torch.testing.assert_close(trained[row], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("top_k", [1, 5])
+def test_cross_batch_top_k_equals_inference_with_exact_top_k_memory(top_k):
+    # Training with top-k cross-batch attention sees what a top-k memory retrieves at inference.
+    model = sharp_model(tiny_config(max_position_embeddings=8, last_context_length=8))
+    ids = torch.randint(1, 96, (3, 8))
+    with torch.no_grad():
+        trained = model(ids, use_cache=False, cross_batch_range=2, cross_batch_top_k=top_k).logits
+        dense = model(ids, use_cache=False, cross_batch_range=2).logits
+        for row in range(1, 3):
+            memory = knnmem.Memory.create(model, index="torch", k=top_k)
+            expected = model(ids[: row + 1].reshape(1, -1), use_cache=False, last_context_length=8,
+                             memory=memory).logits[0, -8:]
+            torch.testing.assert_close(trained[row], expected, rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(trained[row], dense[row], atol=1e-3)  # fewer entries than dense
+
+
+def test_cross_batch_top_k_picks_valid_entries_first(make_model):
+    # Row 1 has 8 valid entries (row 0) and 8 invalid ones (before row 0): top-8 is all of its memory.
+    model = make_model(max_position_embeddings=8, last_context_length=8)
+    ids = torch.randint(1, 96, (3, 8))
+    with torch.no_grad():
+        top8 = model(ids, use_cache=False, cross_batch_range=2, cross_batch_top_k=8).logits
+        dense = model(ids, use_cache=False, cross_batch_range=2).logits
+    torch.testing.assert_close(top8[:2], dense[:2])
+    assert not torch.allclose(top8[2], dense[2], atol=1e-3)  # row 2 has 16 valid entries
+
+
 def test_cross_batch_range_zero_is_ordinary_attention(make_model, ids):
     model = make_model(max_position_embeddings=16, last_context_length=16)
     window = ids[:, :16]
@@ -61,6 +88,10 @@ def test_cross_batch_rejects_long_inputs_and_memory(make_model, ids):
         model(ids, use_cache=False, cross_batch_range=1)
     with pytest.raises(ValueError, match="no memory"):
         model(ids[:, :8], use_cache=False, cross_batch_range=1, memory=knnmem.Memory.create(model))
+    with pytest.raises(ValueError, match="cross_batch_top_k must be at least 1"):
+        model(ids[:, :8], use_cache=False, cross_batch_range=1, cross_batch_top_k=0)
+    with pytest.raises(ValueError, match="give cross_batch_range too"):
+        model(ids[:, :8], use_cache=False, cross_batch_top_k=4)
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +150,19 @@ def test_training_batches_are_reproducible_and_mark_memory_answers(tmp_path):
     late = torch.cat([trainer.data.batch(i, progress=1.0).answers for i in range(10)])
     assert (early == LOCAL_ANSWER).any() and (late == MEMORY_ANSWER).any()
 
+
+
+def test_memory_top_k_reaches_the_training_loss(tmp_path):
+    trainer = Trainer(TrainConfig(**TINY_RUN), tmp_path)
+    batch = trainer.data.batch(0)
+    with torch.no_grad():
+        dense = trainer.loss_and_logits(batch)[1]
+        trainer.config.memory_top_k = 2 * TINY_RUN["window"]  # every entry of the 2 rows in range
+        torch.testing.assert_close(trainer.loss_and_logits(batch)[1], dense)
+        trainer.config.memory_top_k = 4
+        assert not torch.allclose(trainer.loss_and_logits(batch)[1], dense, atol=1e-4)
+    with pytest.raises(ValueError, match="memory_top_k must be >= 0"):
+        TrainConfig(memory_top_k=-1)
 
 
 def test_curriculum_bounds_how_far_back_questions_look():
