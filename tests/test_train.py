@@ -151,6 +151,12 @@ def test_training_batches_are_reproducible_and_mark_memory_answers(tmp_path):
     assert (early == LOCAL_ANSWER).any() and (late == MEMORY_ANSWER).any()
 
 
+def test_heldout_batches_do_not_depend_on_the_training_seed(tmp_path):
+    first = Trainer(TrainConfig(**TINY_RUN), tmp_path / "first")
+    other = Trainer(TrainConfig(**{**TINY_RUN, "seed": 5}), tmp_path / "other")
+    assert not torch.equal(first.data.batch(0).input_ids, other.data.batch(0).input_ids)
+    assert torch.equal(first.heldout.batch(0, stream=1).input_ids, other.heldout.batch(0, stream=1).input_ids)
+
 
 def test_memory_top_k_reaches_the_training_loss(tmp_path):
     trainer = Trainer(TrainConfig(**TINY_RUN), tmp_path)
