@@ -68,17 +68,18 @@ def parse_token_list(text: str) -> list[int]:
     return [parse_tokens(part.strip()) for part in text.split(",") if part.strip()]
 
 
-def load_model(path: str):
-    """The model and tokenizer saved in directory `path`."""
+def load_model(path: str, device: str = "auto"):
+    """The model saved in directory `path`, on `device` (see `pick_device`), and its tokenizer."""
     from pathlib import Path
 
     from transformers import AutoTokenizer
 
-    from .modeling import LongLlamaForCausalLM
+    from .modeling import LongLlamaForCausalLM, pick_device
 
     if not (Path(path) / "config.json").is_file():
         raise UsageError(f"{path} is not a model directory (no config.json)")
-    model = LongLlamaForCausalLM.from_pretrained(path).eval()
+    target = pick_device(device)
+    model = LongLlamaForCausalLM.from_pretrained(path).eval().to(target)
     return model, AutoTokenizer.from_pretrained(path)
 
 
@@ -101,7 +102,7 @@ def cmd_index(args) -> None:
     from .memory import index_corpus
 
     spec = check_spec(args.index)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, args.device)
     memory = index_corpus(model, tokenizer, args.corpus, path=args.out, index=spec, k=args.k,
                           include=args.include, text_field=args.text_field)
     print(f"indexed {len(memory.documents)} documents, {len(memory):,} tokens into {args.out} ({args.index}, k={args.k})")
@@ -113,12 +114,12 @@ def cmd_generate(args) -> None:
     from .explain import explain_generation
     from .memory import Memory
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, args.device)
     memory = Memory.load(args.memory, model=model)
     if args.k:
         memory.k = args.k
     if not args.explain:
-        ids = torch.tensor([tokenizer(args.prompt)["input_ids"]])
+        ids = torch.tensor([tokenizer(args.prompt)["input_ids"]], device=model.device)
         out = model.generate(ids, memory=memory, max_new_tokens=args.max_new_tokens, do_sample=False)
         print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
         return
@@ -161,7 +162,7 @@ def cmd_compare(args) -> None:
     from .memory import Memory
 
     specs = [check_spec(s) for s in args.index]
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, args.device)
     base = Memory.load(args.memory, model=model) if args.memory else None
     if args.text:
         text = Path(args.text).read_text(encoding="utf-8", errors="replace")
@@ -185,7 +186,7 @@ def cmd_passkey(args) -> None:
     from .passkey import passkey_misses, passkey_sweep, passkey_table, plot_passkey
 
     spec = check_spec(args.index)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, args.device)
     results = passkey_sweep(model, tokenizer, args.lengths, index=spec, k=args.k,
                             exact_up_to=args.exact_up_to, trials=args.trials, seed=args.seed)
     print("\n".join([passkey_table(results), *passkey_misses(results)]))
@@ -205,7 +206,7 @@ def cmd_demo(args) -> None:
     if not (Path(args.model) / "config.json").is_file():
         raise UsageError(f"{args.model} is not a model directory (no config.json)")
     run_demo(args.model, args.out, index=check_spec(args.index), k=args.k,
-             compare_specs=[check_spec(s) for s in args.compare])
+             compare_specs=[check_spec(s) for s in args.compare], device=args.device)
 
 
 def cmd_train(args) -> None:
@@ -217,6 +218,11 @@ def cmd_train(args) -> None:
     except ValueError as e:
         raise UsageError(str(e)) from None
     train(config, args.out)
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="where the model and memory run: auto (CUDA where available), "
+                   "cpu, cuda or cuda:N; Faiss indexes stay on the CPU unless faiss-gpu is installed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=parse_positive, default=DEFAULT_K, help=f"entries retrieved per query and head (default {DEFAULT_K})")
     p.add_argument("--include", default="*.txt", help="file pattern inside folders (default *.txt)")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text (default text)")
+    _add_device(p)
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("generate", help="generate from a prompt with a stored memory")
@@ -243,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=parse_positive, default=32)
     p.add_argument("--k", type=parse_positive, default=None, help="override the store's k")
     p.add_argument("--explain", action="store_true", help="list the stored passages the memory layers attended to")
+    _add_device(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("compare", help="exact dense memory against index specs on the same input")
@@ -255,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=_parse_int_list, default=[DEFAULT_K], help="k values, comma-separated")
     p.add_argument("--max-tokens", type=parse_tokens, default=1 << 16, help="read at most this many tokens")
     p.add_argument("--report", help="directory for comparison.json and plots")
+    _add_device(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("passkey", help="pass-key retrieval accuracy per prompt length")
@@ -266,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=parse_positive, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", help="directory for passkey.json and passkey.png")
+    _add_device(p)
     p.set_defaults(func=cmd_passkey)
 
     p = sub.add_parser("info", help="describe a memory store")
@@ -280,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=parse_positive, default=DEFAULT_K)
     p.add_argument("--compare", nargs="+", default=["Flat", "HNSW32", "IVF256,Flat"],
                    help="index specs compared with exact memory at the end")
+    _add_device(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train a LongLLaMA model with FoT cross-batch attention (resumable)")

@@ -65,6 +65,7 @@ def compare_memories(model, input_ids: torch.Tensor, specs: list[str], *, ks: li
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must have shape (1, L), got {tuple(input_ids.shape)}")
+    input_ids = input_ids.to(model.device)
     start = min(model.config.max_position_embeddings, input_ids.shape[1] - 1) if base is None else 0
     labels = input_ids[0, start + 1:]
 

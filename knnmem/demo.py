@@ -62,7 +62,7 @@ def answer_tokens_predicted(model, tokenizer, question: str, answer: str, memory
     """(correct, total): answer tokens that are the greedy next token after the question and the answer so far."""
     text = f"{question} {answer}"
     encoded = tokenizer(text, return_offsets_mapping=True)
-    ids = torch.tensor([encoded["input_ids"]])
+    ids = torch.tensor([encoded["input_ids"]], device=model.device)
     # Answer tokens: those ending inside the answer (a leading space token belongs to the question).
     positions = [i for i, (_, end) in enumerate(encoded["offset_mapping"]) if end > len(question) + 1 and i > 0]
     logits = model(input_ids=ids, memory=memory, use_cache=False).logits[0]
@@ -70,15 +70,16 @@ def answer_tokens_predicted(model, tokenizer, question: str, answer: str, memory
     return int((predicted == ids[0, positions]).sum()), len(positions)
 
 
-def run_demo(model_dir: str | Path, store_dir: str | Path, *, index: str, k: int, compare_specs: list[str]) -> None:
+def run_demo(model_dir: str | Path, store_dir: str | Path, *, index: str, k: int, compare_specs: list[str],
+             device: str = "auto") -> None:
     """Index the embedded corpus into `store_dir`, reload it, answer its questions, compare with exact memory."""
     from transformers import AutoTokenizer
 
     from .compare import compare_memories, markdown_table
     from .memory import Memory, index_corpus
-    from .modeling import LongLlamaForCausalLM
+    from .modeling import LongLlamaForCausalLM, pick_device
 
-    model = LongLlamaForCausalLM.from_pretrained(model_dir).eval()
+    model = LongLlamaForCausalLM.from_pretrained(model_dir).eval().to(pick_device(device))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     questions = [json.loads(line) for line in (DATA / "questions.jsonl").read_text().splitlines()]
 
@@ -109,7 +110,7 @@ def run_demo(model_dir: str | Path, store_dir: str | Path, *, index: str, k: int
         return memory.reindex("dense") if label == "dense" else Memory.create(model)
 
     for q in questions:
-        ids = torch.tensor([tokenizer(q["question"])["input_ids"]])
+        ids = torch.tensor([tokenizer(q["question"])["input_ids"]], device=model.device)
         answers = {}
         for label in labels:
             hits, count = answer_tokens_predicted(model, tokenizer, q["question"], q["answer"], fresh(label))

@@ -446,3 +446,20 @@ def _positions(position_ids, batch: int, length: int, cache: LongLlamaCache | No
     if position_ids.dim() != 2 or position_ids.shape[-1] != length or position_ids.shape[0] not in (1, batch):
         raise ValueError(f"position_ids must have shape ({batch}, {length}), got {tuple(position_ids.shape)}")
     return position_ids.to(device).long().expand(batch, length)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """The torch device called `name` ("cpu", "cuda", "cuda:1", ...); "auto" is CUDA where available, else the CPU.
+
+    Raises `ValueError` for a name torch does not know or a CUDA device this machine does not have.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {name!r} is not available: this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
+

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .config import LongLlamaConfig
 from .memory import Memory
-from .modeling import LongLlamaForCausalLM
+from .modeling import LongLlamaForCausalLM, pick_device
 from .passkey import run_passkey
 from .synthetic import TEMPLATES
 from .training_data import LOCAL_ANSWER, MEMORY_ANSWER, TrainingData, stdlib_texts
@@ -97,12 +97,6 @@ class TrainConfig:
             raise ValueError(f"cross_batch_range must lie in [0, rows), got {self.cross_batch_range} with {self.rows} rows")
         if self.memory_top_k < 0:
             raise ValueError(f"memory_top_k must be >= 0 (0 attends to every cross-batch entry), got {self.memory_top_k}")
-
-    def run_device(self) -> torch.device:
-        """`device`, with "auto" meaning CUDA where available, else the CPU."""
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
 
     def reach(self, progress: float) -> int:
         """Curriculum: how far back (characters) synthetic questions look; grows geometrically over
@@ -187,7 +181,7 @@ class Trainer:
             synthetic_fraction=0.0, reach=config.reach_end, seed=HELDOUT_SEED,
         )
         self.batches = _Steps(self.data, config.steps)
-        self.device = config.run_device()
+        self.device = pick_device(config.device)
         self.model = build_model(config, len(self.tokenizer)).to(self.device)
         self.model.gradient_checkpointing = config.gradient_checkpointing
         decay = [p for p in self.model.parameters() if p.dim() >= 2]

@@ -100,6 +100,8 @@ def test_passkey_reports_each_length_and_memory(model_dir, tmp_path, capsys):
         (["generate", "--model", "/no/such/model", "--memory", "x", "--prompt", "p"], "not a model directory"),
         (["passkey", "--model", "MODEL", "--index", "NoSuchIndex"], "unknown index spec"),
         (["index", "/no/such/corpus", "--model", "MODEL", "--out", "OUT"], "does not exist"),
+        (["passkey", "--model", "MODEL", "--device", "gpu"], "unknown device 'gpu'"),
+        (["compare", "--model", "MODEL", "--index", "Flat", "--text", "t", "--device", "cuda:99"], "is not available"),
     ],
 )
 def test_bad_input_is_one_clear_line(argv, message, model_dir, tmp_path, capsys):
