@@ -41,7 +41,7 @@ def long_documents(tokenizer, length: int, count: int) -> list[tuple[str, list[i
 @torch.no_grad()
 def target_loss(model, ids: list[int], target: int, memory: knnmem.Memory | None) -> float:
     """Summed next-token loss over the last `target` tokens of `ids` (the first of them needs its predecessor)."""
-    tokens = torch.tensor([ids])
+    tokens = torch.tensor([ids], device=model.device)
     if memory is None:  # local only: each window of the target predicted from that window alone
         window = model.config.max_position_embeddings
         total = 0.0
@@ -84,8 +84,9 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=4)
     parser.add_argument("--target", type=int, default=1024, help="scored tokens per document")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--device", default="auto", help="auto (CUDA where available), cpu, cuda or cuda:N")
     args = parser.parse_args()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, args.device)
     if args.target % model.config.max_position_embeddings:
         parser.error(f"--target must be a multiple of the window ({model.config.max_position_embeddings})")
     length = max(args.contexts)
