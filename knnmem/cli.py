@@ -199,14 +199,11 @@ def cmd_passkey(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from pathlib import Path
-
     from .demo import run_demo
 
-    if not (Path(args.model) / "config.json").is_file():
-        raise UsageError(f"{args.model} is not a model directory (no config.json)")
-    run_demo(args.model, args.out, index=check_spec(args.index), k=args.k,
-             compare_specs=[check_spec(s) for s in args.compare], device=args.device)
+    index, compare_specs = check_spec(args.index), [check_spec(s) for s in args.compare]
+    model, tokenizer = load_model(args.model, args.device)
+    run_demo(model, tokenizer, args.out, index=index, k=args.k, compare_specs=compare_specs)
 
 
 def cmd_train(args) -> None:

@@ -70,17 +70,12 @@ def answer_tokens_predicted(model, tokenizer, question: str, answer: str, memory
     return int((predicted == ids[0, positions]).sum()), len(positions)
 
 
-def run_demo(model_dir: str | Path, store_dir: str | Path, *, index: str, k: int, compare_specs: list[str],
-             device: str = "auto") -> None:
-    """Index the embedded corpus into `store_dir`, reload it, answer its questions, compare with exact memory."""
-    from transformers import AutoTokenizer
-
+def run_demo(model, tokenizer, store_dir: str | Path, *, index: str, k: int, compare_specs: list[str]) -> None:
+    """Index the embedded corpus into `store_dir` with `model`, reload it, answer its questions, compare with
+    exact memory."""
     from .compare import compare_memories, markdown_table
     from .memory import Memory, index_corpus
-    from .modeling import LongLlamaForCausalLM, pick_device
 
-    model = LongLlamaForCausalLM.from_pretrained(model_dir).eval().to(pick_device(device))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     questions = [json.loads(line) for line in (DATA / "questions.jsonl").read_text().splitlines()]
 
     print(f"1. Indexing the demo corpus ({DATA / 'corpus.jsonl'}) with {index} (k={k}) into {store_dir}")

@@ -462,4 +462,3 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
         raise ValueError(f"device {name!r} is not available: this machine has {torch.cuda.device_count()} CUDA devices")
     return device
-
