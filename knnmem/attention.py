@@ -90,6 +90,31 @@ def cross_batch_hits(keys: torch.Tensor, values: torch.Tensor, valid: torch.Tens
     )
 
 
+def _top_k_hits(queries: torch.Tensor, hits: MemoryHits, top_k: int) -> MemoryHits:
+    """Per-query hits holding each query's `top_k` highest-scoring valid entries of shared `hits`.
+
+    The choice carries no gradient, as retrieval from an index does not; attention over the chosen
+    entries does. Scores are formed one batch row at a time, so a wide cross-batch memory costs
+    (H x T x M) at once, not (B x H x T x M). Invalid entries are chosen last and stay invalid.
+    """
+    batch, heads, length, _ = queries.shape
+    floor = torch.finfo(queries.dtype).min
+    with torch.no_grad():
+        best = torch.stack([
+            torch.matmul(queries[b], hits.keys[b].to(queries.dtype).transpose(-1, -2))
+            .masked_fill_(~hits.valid[b, None, None, :], floor)
+            .topk(top_k, dim=-1).indices
+            for b in range(batch)
+        ])  # (B, H, T, K)
+
+    def gather(x: torch.Tensor) -> torch.Tensor:  # (B, H, M, D) -> (B, H, T, K, D)
+        flat = best.reshape(batch, heads, length * top_k, 1).expand(-1, -1, -1, x.shape[-1])
+        return x.gather(2, flat).view(batch, heads, length, top_k, x.shape[-1])
+
+    valid = hits.valid[:, None, None, :].expand(-1, heads, length, -1).gather(-1, best)
+    return MemoryHits(keys=gather(hits.keys), values=gather(hits.values), valid=valid)
+
+
 def _masked_scores(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     floor = min_score(scores.dtype)
     return scores.masked_fill(~mask, floor).clamp_min(floor)
@@ -138,6 +163,8 @@ def attend(
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(queries.dtype)
         return torch.matmul(probs, values)
 
+    if shared and top_k is not None and top_k < hits.keys.shape[-2]:
+        hits, shared = _top_k_hits(queries, hits, top_k), False
     mem_keys = hits.keys.to(queries.dtype)
     mem_values = hits.values.to(values.dtype)
     if shared:
@@ -146,10 +173,6 @@ def attend(
     else:
         mem_scores = torch.einsum("bhtd,bhtkd->bhtk", queries, mem_keys).div_(scale)  # (B, H, T, K)
         mem_valid = hits.valid
-    if shared and top_k is not None and top_k < mem_scores.shape[-1]:
-        floor = torch.finfo(mem_scores.dtype).min  # invalid entries are chosen last
-        best = mem_scores.masked_fill(~mem_valid, floor).topk(top_k, dim=-1).indices
-        mem_valid = mem_valid & torch.zeros_like(mem_scores, dtype=torch.bool).scatter_(-1, best, True)
     if not bool(mem_valid.all()):
         mem_scores.masked_fill_(~mem_valid, min_score(mem_scores.dtype))
     # One float32 softmax over [local, memory], then one product with [local, memory] values: the
