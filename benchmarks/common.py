@@ -5,18 +5,7 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
-import knnmem
-
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "model"
-
-
-def load_model(path: str | Path = SHIPPED_MODEL, device: str = "cpu",
-               **overrides) -> tuple[knnmem.LongLlamaForCausalLM, object]:
-    """A trained LongLLaMA (by default the shipped one) in eval mode on `device`, and its tokenizer."""
-    model = knnmem.LongLlamaForCausalLM.from_pretrained(path, **overrides).eval()
-    return model.to(knnmem.modeling.pick_device(device)), AutoTokenizer.from_pretrained(path)
 
 
 def stdlib_documents(tokenizer, total_tokens: int, doc_tokens: int = 4096) -> list[list[int]]:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import SHIPPED_MODEL, load_model, rss_bytes, stdlib_documents
+from common import SHIPPED_MODEL, rss_bytes, stdlib_documents
 
 import knnmem
 from knnmem.quality import ProbedMemory
@@ -149,7 +149,7 @@ def main() -> None:
     results_path = args.out / "memory_sweep.json"
     rows = json.loads(results_path.read_text()) if results_path.exists() else []
     done = {(r["memory_tokens"], r["index"]) for r in rows}
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = knnmem.load_pretrained(args.model, "cpu")
     # The prompt leaves room in the local window for the decode steps, so nothing is written to memory.
     prompt_length = model.config.max_position_embeddings - args.decode_steps
     prompt = torch.tensor([stdlib_documents(tokenizer, 4096 * 4, 4096)[-1][:prompt_length]])

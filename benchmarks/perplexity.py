@@ -18,7 +18,7 @@ import sysconfig
 from pathlib import Path
 
 import torch
-from common import SHIPPED_MODEL, load_model
+from common import SHIPPED_MODEL
 from tqdm.auto import tqdm
 
 import knnmem
@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--device", default="auto", help="auto (CUDA where available), cpu, cuda or cuda:N")
     args = parser.parse_args()
-    model, tokenizer = load_model(args.model, args.device)
+    model, tokenizer = knnmem.load_pretrained(args.model, args.device)
     if args.target % model.config.max_position_embeddings:
         parser.error(f"--target must be a multiple of the window ({model.config.max_position_embeddings})")
     length = max(args.contexts)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import SHIPPED_MODEL, load_model, stdlib_documents
+from common import SHIPPED_MODEL, stdlib_documents
 
 import knnmem
 
@@ -64,8 +64,8 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="knnmem-bench-"))
-    model, tokenizer = load_model(args.model)
-    plain, _ = load_model(args.model, mem_layers=[])  # same weights, no memory layers
+    model, tokenizer = knnmem.load_pretrained(args.model, "cpu")
+    plain, _ = knnmem.load_pretrained(args.model, "cpu", mem_layers=[])  # same weights, no memory layers
     docs = stdlib_documents(tokenizer, args.tokens)
 
     plain_tok_s = throughput(plain, docs)

@@ -10,7 +10,7 @@ from .corpus import read_corpus
 from .ingest import Document, encode_documents
 from .store import StoreError
 from .memory import BACKENDS, Memory, index_corpus
-from .modeling import LongLlamaForCausalLM, LongLlamaModel
+from .modeling import LongLlamaForCausalLM, LongLlamaModel, load_pretrained
 from .quality import ProbedMemory, RetrievalQuality, retrieval_quality
 
 __version__ = "0.1.0"
@@ -36,6 +36,7 @@ __all__ = [
     "TorchTopKMemory",
     "encode_documents",
     "index_corpus",
+    "load_pretrained",
     "read_corpus",
     "retrieval_quality",
 ]

@@ -68,21 +68,6 @@ def parse_token_list(text: str) -> list[int]:
     return [parse_tokens(part.strip()) for part in text.split(",") if part.strip()]
 
 
-def load_model(path: str, device: str = "auto"):
-    """The model saved in directory `path`, on `device` (see `pick_device`), and its tokenizer."""
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
-    from .modeling import LongLlamaForCausalLM, pick_device
-
-    if not (Path(path) / "config.json").is_file():
-        raise UsageError(f"{path} is not a model directory (no config.json)")
-    target = pick_device(device)
-    model = LongLlamaForCausalLM.from_pretrained(path).eval().to(target)
-    return model, AutoTokenizer.from_pretrained(path)
-
-
 def check_spec(spec: str) -> str:
     """`spec` if it names a memory backend (dense, torch or a Faiss factory string)."""
     import faiss
@@ -100,9 +85,10 @@ def check_spec(spec: str) -> str:
 
 def cmd_index(args) -> None:
     from .memory import index_corpus
+    from .modeling import load_pretrained
 
     spec = check_spec(args.index)
-    model, tokenizer = load_model(args.model, args.device)
+    model, tokenizer = load_pretrained(args.model, args.device)
     memory = index_corpus(model, tokenizer, args.corpus, path=args.out, index=spec, k=args.k,
                           include=args.include, text_field=args.text_field)
     print(f"indexed {len(memory.documents)} documents, {len(memory):,} tokens into {args.out} ({args.index}, k={args.k})")
@@ -113,8 +99,9 @@ def cmd_generate(args) -> None:
 
     from .explain import explain_generation
     from .memory import Memory
+    from .modeling import load_pretrained
 
-    model, tokenizer = load_model(args.model, args.device)
+    model, tokenizer = load_pretrained(args.model, args.device)
     memory = Memory.load(args.memory, model=model)
     if args.k:
         memory.k = args.k
@@ -160,9 +147,10 @@ def cmd_compare(args) -> None:
 
     from .compare import compare_memories, markdown_table, write_report
     from .memory import Memory
+    from .modeling import load_pretrained
 
     specs = [check_spec(s) for s in args.index]
-    model, tokenizer = load_model(args.model, args.device)
+    model, tokenizer = load_pretrained(args.model, args.device)
     base = Memory.load(args.memory, model=model) if args.memory else None
     if args.text:
         text = Path(args.text).read_text(encoding="utf-8", errors="replace")
@@ -183,10 +171,11 @@ def cmd_passkey(args) -> None:
     from dataclasses import asdict
     from pathlib import Path
 
+    from .modeling import load_pretrained
     from .passkey import passkey_misses, passkey_sweep, passkey_table, plot_passkey
 
     spec = check_spec(args.index)
-    model, tokenizer = load_model(args.model, args.device)
+    model, tokenizer = load_pretrained(args.model, args.device)
     results = passkey_sweep(model, tokenizer, args.lengths, index=spec, k=args.k,
                             exact_up_to=args.exact_up_to, trials=args.trials, seed=args.seed)
     print("\n".join([passkey_table(results), *passkey_misses(results)]))
@@ -200,9 +189,10 @@ def cmd_passkey(args) -> None:
 
 def cmd_demo(args) -> None:
     from .demo import run_demo
+    from .modeling import load_pretrained
 
     index, compare_specs = check_spec(args.index), [check_spec(s) for s in args.compare]
-    model, tokenizer = load_model(args.model, args.device)
+    model, tokenizer = load_pretrained(args.model, args.device)
     run_demo(model, tokenizer, args.out, index=index, k=args.k, compare_specs=compare_specs)
 
 

@@ -8,10 +8,12 @@ memory layers' keys and values are written to the `Memory`, an explicit step of 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AutoTokenizer, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.generation.stopping_criteria import MaxLengthCriteria
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -462,3 +464,16 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
         raise ValueError(f"device {name!r} is not available: this machine has {torch.cuda.device_count()} CUDA devices")
     return device
+
+
+def load_pretrained(path: str | Path, device: str = "auto", **overrides) -> tuple[LongLlamaForCausalLM, object]:
+    """The model saved in directory `path`, in eval mode on `device` (see `pick_device`), and its tokenizer.
+
+    `overrides` replace fields of the saved config, e.g. `mem_layers=[]` for the same weights without
+    memory layers. Raises `FileNotFoundError` when `path` holds no `config.json`.
+    """
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
+    target = pick_device(device)
+    model = LongLlamaForCausalLM.from_pretrained(path, **overrides).eval().to(target)
+    return model, AutoTokenizer.from_pretrained(path)

@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 import knnmem
 from knnmem.demo import DATA, answer_tokens_predicted
@@ -21,8 +20,7 @@ KNN_AT_LEAST, MARGIN = 0.7, 0.4
 
 @pytest.fixture(scope="module")
 def shipped():
-    model = knnmem.LongLlamaForCausalLM.from_pretrained(MODEL).eval()
-    return model, AutoTokenizer.from_pretrained(MODEL)
+    return knnmem.load_pretrained(MODEL, "cpu")
 
 
 def fact_far_back(rng, filler: str) -> tuple[str, str, str]:
@@ -38,6 +36,15 @@ def test_shipped_model_has_the_documented_shape(shipped):
     assert (config.num_hidden_layers, config.hidden_size, config.mem_layers) == (4, 128, [1, 2, 3])
     assert config.max_position_embeddings == 256 and len(tokenizer) == config.vocab_size == 2048
     assert tokenizer.decode(tokenizer("x = 12345")["input_ids"], skip_special_tokens=True) == "x = 12345"
+
+
+def test_load_pretrained_applies_config_overrides_to_the_same_weights(shipped, tmp_path):
+    model, _ = shipped
+    single, _ = knnmem.load_pretrained(MODEL, "cpu", mem_layers=[2])
+    assert single.config.mem_layers == [2] and not single.training
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), single.state_dict().values()))
+    with pytest.raises(FileNotFoundError, match="is not a model directory"):
+        knnmem.load_pretrained(tmp_path)
 
 
 def test_shipped_model_retrieves_facts_from_thousands_of_tokens_back_through_knn_memory(shipped):
