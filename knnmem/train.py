@@ -35,8 +35,8 @@ from .training_data import LOCAL_ANSWER, MEMORY_ANSWER, TrainingData, stdlib_tex
 
 
 RUNTIME_FIELDS = ("device", "threads", "data_workers")
-# Held-out real-text batches are drawn with one seed whatever the training seed, so that runs with
-# different seeds are scored on the same text.
+# Evaluation batches are drawn with one seed whatever the training seed, so that runs with different
+# seeds and data mixes are scored on the same batches.
 HELDOUT_SEED = 1
 
 
@@ -175,10 +175,13 @@ class Trainer:
             self.tokenizer, real, window=config.window, rows=config.rows, k_pack=config.k_pack,
             synthetic_fraction=config.synthetic_fraction, reach=config.reach, seed=config.seed,
         )
+        # Evaluation reads held-out text only: real text for the loss, synthetic documents (whose
+        # filler is held-out text) for answer accuracy, whatever the training mix.
         heldout = "\n\n".join(text for _, text in stdlib_texts("heldout"))
-        self.heldout = TrainingData(
-            self.tokenizer, heldout, window=config.window, rows=config.rows, k_pack=config.k_pack,
-            synthetic_fraction=0.0, reach=config.reach_end, seed=HELDOUT_SEED,
+        self.heldout, self.probes = (
+            TrainingData(self.tokenizer, heldout, window=config.window, rows=config.rows, k_pack=config.k_pack,
+                         synthetic_fraction=share, reach=config.reach_end, seed=HELDOUT_SEED)
+            for share in (0.0, 1.0)
         )
         self.batches = _Steps(self.data, config.steps)
         self.device = pick_device(config.device)
@@ -292,7 +295,7 @@ class Trainer:
         for label, distance in (("", None), ("_no_memory", 0)):
             stats = []
             for i in range(config.eval_batches):
-                batch = self.data.batch(i, stream=1)
+                batch = self.probes.batch(i, stream=1)
                 _, logits = self.loss_and_logits(batch, distance)
                 stats.append(answer_accuracy(logits.cpu(), batch.input_ids, batch.answers))
             for key in stats[0]:

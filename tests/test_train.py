@@ -151,11 +151,13 @@ def test_training_batches_are_reproducible_and_mark_memory_answers(tmp_path):
     assert (early == LOCAL_ANSWER).any() and (late == MEMORY_ANSWER).any()
 
 
-def test_heldout_batches_do_not_depend_on_the_training_seed(tmp_path):
+def test_evaluation_batches_do_not_depend_on_the_training_seed_or_mix(tmp_path):
     first = Trainer(TrainConfig(**TINY_RUN), tmp_path / "first")
-    other = Trainer(TrainConfig(**{**TINY_RUN, "seed": 5}), tmp_path / "other")
+    other = Trainer(TrainConfig(**{**TINY_RUN, "seed": 5, "synthetic_fraction": 0.3}), tmp_path / "other")
     assert not torch.equal(first.data.batch(0).input_ids, other.data.batch(0).input_ids)
-    assert torch.equal(first.heldout.batch(0, stream=1).input_ids, other.heldout.batch(0, stream=1).input_ids)
+    for split in ("heldout", "probes"):
+        ours, theirs = getattr(first, split).batch(0, stream=1), getattr(other, split).batch(0, stream=1)
+        assert torch.equal(ours.input_ids, theirs.input_ids)
 
 
 def test_memory_top_k_reaches_the_training_loss(tmp_path):
