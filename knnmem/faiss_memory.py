@@ -275,6 +275,8 @@ def _to_cpu(index: faiss.Index) -> faiss.Index:
 def _apply_params(index: faiss.Index, params: dict) -> None:
     space = faiss.ParameterSpace()
     for name, value in params.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"search parameter {name!r} must be a number, got {value!r}")
         try:
             space.set_index_parameter(index, name, value)
         except RuntimeError:

@@ -202,6 +202,7 @@ def test_beam_search_with_faiss_memory_runs(make_model):
     [
         (dict(index="NoSuchIndex"), "invalid Faiss index spec 'NoSuchIndex'"),
         (dict(index="HNSW32", nprobe=3), "search parameter 'nprobe' does not apply"),
+        (dict(index="IVF4,Flat", search_params={"nprobe": 2}), "search parameter 'search_params' must be a number"),
         (dict(index="dense", efSearch=3), "takes no Faiss options"),
         (dict(index="Flat", k=0), "k must be a positive integer"),
         (dict(index="IVF64,Flat", train_size=63), "train_size 63 is below the 64 lists"),
