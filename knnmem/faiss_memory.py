@@ -81,6 +81,10 @@ class FaissMemory:
             indexes search with `efSearch=k` and IVF indexes probe `nprobe=nlist/32` lists: Faiss's
             defaults (16 and 1) keep far too few candidates for k=128 (the README's index measurements
             show what they cost).
+        Entries that reach an IVF index after its training and lie farther from their list's centroid than
+        any training entry did (content unlike everything the lists were trained on, such as a number
+        in a memory of prose) are also searched exactly with every query, and merged by score: probing
+        the lists nearest a query could miss them. (CPU indexes; an IVF index on a GPU does not track them.)
         l2_reduction: index keys k as [k, sqrt(R² - |k|²)] and queries q as [q, 0] under L2, where R is
             the largest key norm when the index first receives keys: |q' - k'|² = |q|² + R² - 2 q·k, so
             L2 order is inner-product order, and L2 k-means partitions suit inner-product queries. Keys
@@ -114,7 +118,9 @@ class FaissMemory:
                              "k-means needs at least one entry per list")
         self._loaded_rows: list[list[faiss.Index]] = []  # [row][head], each wrapped in IndexIDMap2
         self._bounds: list[list[float | None]] = []  # [row][head]: R of the L2 reduction
-        self._pending: Callable[[], tuple[list[list[faiss.Index]], list[list[float | None]]]] | None = None
+        self._radii: list[list[float | None]] = []  # [row][head]: farthest training entry from its IVF centroid
+        self._outliers: list[list[np.ndarray]] = []  # [row][head]: ids of later entries beyond that radius
+        self._pending: Callable[[], tuple] | None = None
         self.search_params: dict = {}
         defaults = default_search_params(probe, k)
         self.set_search_params(**{**defaults, **(search_params or {})})  # validates names before any entry arrives
@@ -139,7 +145,7 @@ class FaissMemory:
 
     def reset(self) -> None:
         self.buffer.reset()
-        self._rows, self._bounds, self._pending = [], [], None
+        self._rows, self._bounds, self._radii, self._outliers, self._pending = [], [], [], [], None
 
     def _new_row(self, device: torch.device) -> list[faiss.Index]:
         row = []
@@ -162,6 +168,8 @@ class FaissMemory:
         while len(self._rows) < keys.shape[0]:
             self._rows.append(self._new_row(keys.device))
             self._bounds.append([None] * self.buffer.num_heads)
+            self._radii.append([None] * self.buffer.num_heads)
+            self._outliers.append([np.zeros(0, dtype=np.int64) for _ in range(self.buffer.num_heads)])
         keys32 = keys.detach().float().cpu()
         for b, row in enumerate(self._rows):
             if not row[0].is_trained:
@@ -180,7 +188,10 @@ class FaissMemory:
         stored = self.buffer.keys[b].detach().float().cpu()  # (H, M, D)
         for h, index in enumerate(self._rows[b]):
             vectors = stored[h, sel].numpy()
-            index.train(self._index_vectors(b, h, vectors))
+            reduced = self._index_vectors(b, h, vectors)
+            index.train(reduced)
+            distances = _centroid_distances(index, reduced)
+            self._radii[b][h] = None if distances is None else float(distances.max(initial=0.0))
             self._insert(b, h, vectors, row_ids)
 
     def _index_vectors(self, b: int, h: int, keys: np.ndarray) -> np.ndarray:
@@ -194,8 +205,13 @@ class FaissMemory:
         return np.ascontiguousarray(np.concatenate([keys, extra[:, None]], axis=1))
 
     def _insert(self, b: int, h: int, keys: np.ndarray, ids: np.ndarray) -> None:
-        if len(ids):
-            self._rows[b][h].add_with_ids(self._index_vectors(b, h, keys), ids)
+        if not len(ids):
+            return
+        reduced = self._index_vectors(b, h, keys)
+        self._rows[b][h].add_with_ids(reduced, ids)
+        distances = None if self._radii[b][h] is None else _centroid_distances(self._rows[b][h], reduced)
+        if distances is not None:
+            self._outliers[b][h] = np.concatenate([self._outliers[b][h], ids[distances > self._radii[b][h]]])
 
     def search(self, queries: torch.Tensor, heads: slice) -> MemoryHits:
         batch, num_heads, num_queries, _ = queries.shape
@@ -218,6 +234,8 @@ class FaissMemory:
         tasks = [(b, j) for b in indexed for j in range(num_heads)]
         with _single_threaded_faiss():
             list(_POOL.map(search_one, tasks))
+        for b, j in tasks:
+            self._merge_outliers(queries, ids, b, j, head_ids[j])
         for b in set(range(batch)) - set(indexed):  # exact search
             ids[b : b + 1] = exact_top_k(
                 queries[b : b + 1], self.buffer.keys[b : b + 1, heads], self.buffer.valid[b : b + 1], k
@@ -225,21 +243,44 @@ class FaissMemory:
         ids = ids.to(queries.device)
         return MemoryHits(*self.buffer.gather(heads, ids), ids=ids)
 
-    def export_indexes(self) -> tuple[list[list[faiss.Index]], list[list[float | None]]]:
-        """CPU copies of the indexes ([row][head]) and the L2-reduction bounds, for persistence."""
-        rows = [[_to_cpu(index) for index in row] for row in self._rows]
-        return rows, [list(bounds) for bounds in self._bounds]
+    def _merge_outliers(self, queries: torch.Tensor, ids: torch.Tensor, b: int, j: int, h: int) -> None:
+        """Replace ids[b, j] by the top k of its entries and the row's outliers, by exact score."""
+        outliers = torch.from_numpy(self._outliers[b][h])
+        if not len(outliers):
+            return
+        found = ids[b, j]  # (queries, k), -1 where the index returned fewer
+        candidates = torch.cat([found, outliers.expand(found.shape[0], -1)], dim=1)
+        keys = self.buffer.keys[b, h][candidates.clamp(min=0).to(self.buffer.keys.device)]
+        scores = torch.einsum("qd,qcd->qc", queries[b, j].to(keys.dtype), keys).float().cpu()
+        repeated = (outliers[None, None, :] == found[:, :, None]).any(1)
+        scores[candidates < 0] = float("-inf")
+        scores[:, found.shape[1]:][repeated] = float("-inf")
+        best = scores.topk(found.shape[1], dim=1)
+        ids[b, j] = candidates.gather(1, best.indices).masked_fill(best.values == float("-inf"), -1)
 
-    def import_indexes(self, rows: list[list[faiss.Index]], bounds: list[list[float | None]]) -> None:
-        """Adopt indexes built over the entries of `self.buffer` (as `export_indexes` returned them)."""
+    def export_indexes(self) -> tuple[list[list[faiss.Index]], list[list[float | None]], list[list[dict]]]:
+        """For persistence, [row][head]: CPU copies of the indexes, the L2-reduction bounds, and the
+        outliers ({"radius": training radius or None, "ids": ids searched exactly})."""
+        rows = [[_to_cpu(index) for index in row] for row in self._rows]
+        outliers = [[{"radius": radius, "ids": ids.tolist()} for radius, ids in zip(radii, row)]
+                    for radii, row in zip(self._radii, self._outliers)]
+        return rows, [list(bounds) for bounds in self._bounds], outliers
+
+    def import_indexes(self, rows: list[list[faiss.Index]], bounds: list[list[float | None]],
+                       outliers: list[list[dict]] | None = None) -> None:
+        """Adopt indexes built over the entries of `self.buffer` (as `export_indexes` returned them);
+        without `outliers` (stores written before they were tracked), none are tracked."""
         device = self.buffer.keys.device
         self._rows = [[_on_device(index, device) for index in row] for row in rows]
         self._bounds = [list(b) for b in bounds]
+        outliers = outliers or [[{"radius": None, "ids": []} for _ in row] for row in rows]
+        self._radii = [[head["radius"] for head in row] for row in outliers]
+        self._outliers = [[np.asarray(head["ids"], dtype=np.int64) for head in row] for row in outliers]
         for row in self._rows:
             for index in row:
                 _apply_params(faiss.downcast_index(index.index), self.search_params)
 
-    def import_indexes_lazily(self, load: Callable[[], tuple[list[list[faiss.Index]], list[list[float | None]]]]) -> None:
+    def import_indexes_lazily(self, load: Callable[[], tuple]) -> None:
         """As `import_indexes` with what `load()` returns, called on first use: a store opens without reading them."""
         self._pending = load
 
@@ -247,6 +288,8 @@ class FaissMemory:
         self.buffer.reorder_rows(index)
         self._rows = [_clone_row(self._rows[i]) for i in index.tolist()]
         self._bounds = [list(self._bounds[i]) for i in index.tolist()]
+        self._radii = [list(self._radii[i]) for i in index.tolist()]
+        self._outliers = [list(self._outliers[i]) for i in index.tolist()]
 
 
 _GPU_RESOURCES = None
@@ -264,6 +307,16 @@ def _on_device(index: faiss.Index, device: torch.device) -> faiss.Index:
     except RuntimeError:  # e.g. HNSW, which Faiss runs on CPU only
         warnings.warn(f"Faiss has no GPU version of {type(index).__name__}; it stays on CPU", stacklevel=3)
         return index
+
+
+def _centroid_distances(index: faiss.Index, vectors: np.ndarray) -> np.ndarray | None:
+    """How far each vector lies from its nearest IVF centroid (larger is farther); None if `index` is not a
+    CPU IVF index."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return None
+    found = ivf.quantizer.search(np.ascontiguousarray(vectors), 1)[0][:, 0]
+    return -found if ivf.metric_type == faiss.METRIC_INNER_PRODUCT else found
 
 
 def _to_cpu(index: faiss.Index) -> faiss.Index:

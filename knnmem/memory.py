@@ -135,9 +135,11 @@ class Memory:
             if isinstance(backend, FaissMemory) and size:
                 files = [store.DeferredIndex(data / f"layer{layer}.head{h}.faiss") for h in range(heads)]
                 bounds = [manifest["l2_bounds"][str(layer)]]
+                outliers = [manifest["ivf_outliers"][str(layer)]] if "ivf_outliers" in manifest else None
                 # Read on first search; memory-mapped unless the store is opened for writing.
                 backend.import_indexes_lazily(
-                    lambda files=files, bounds=bounds: ([[f.read(mmap=not writable) for f in files]], bounds)
+                    lambda files=files, bounds=bounds, outliers=outliers:
+                    ([[f.read(mmap=not writable) for f in files]], bounds, outliers)
                 )
         memory.batch_size = 1 if size else None
         memory.documents = [Document(**d) for d in manifest["documents"]]
@@ -162,15 +164,15 @@ class Memory:
             merged.extend(self.overlay)
             return merged.save(path)
         size = self.stored_entries
-        arrays, indexes, bounds = {}, {}, {}
+        arrays, indexes, bounds, outliers = {}, {}, {}, {}
         for layer in self.layers:
             backend = self._backends[layer]
             arrays[f"layer{layer}.keys.bin"] = backend.buffer.keys[0] if size else torch.zeros(0)
             arrays[f"layer{layer}.values.bin"] = backend.buffer.values[0] if size else torch.zeros(0)
             if isinstance(backend, FaissMemory) and size:
-                rows, row_bounds = backend.export_indexes()
+                rows, row_bounds, row_outliers = backend.export_indexes()
                 indexes.update({f"layer{layer}.head{h}.faiss": index for h, index in enumerate(rows[0])})
-                bounds[str(layer)] = row_bounds[0]
+                bounds[str(layer)], outliers[str(layer)] = row_bounds[0], row_outliers[0]
         valid = self._backends[self.layers[0]].buffer.valid[0] if size and self.layers else torch.zeros(0)
         arrays["valid.bin"] = valid.to(torch.uint8)
         known = self.provenance if self.provenance is not None else torch.zeros(0, 3, dtype=torch.long)
@@ -179,7 +181,7 @@ class Memory:
         manifest = dict(
             fingerprint=self.fingerprint, layers=list(self.layers), num_heads=self.num_heads, head_dim=self.head_dim,
             dtype=str(self.dtype).removeprefix("torch."), index=self.index, k=self.k, options=self._options(),
-            l2_bounds=bounds, entries=size, documents=[d._asdict() for d in self.documents],
+            l2_bounds=bounds, ivf_outliers=outliers, entries=size, documents=[d._asdict() for d in self.documents],
         )
         store.write_store(path, manifest=manifest, arrays=arrays, indexes=indexes)
 

@@ -212,3 +212,28 @@ def test_beam_search_with_faiss_memory_runs(make_model):
 def test_bad_memory_options(make_model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         knnmem.Memory.create(make_model(), **kwargs)
+
+
+def test_entries_unlike_the_training_sample_are_searched_exactly_and_persisted(tmp_path):
+    # Lists trained on four tight clusters; then an entry far from all of them whose list is not the
+    # one the query probes (nprobe=1), though it has the query's highest inner product by far.
+    torch.manual_seed(0)
+    centres = torch.eye(8)[:4]
+    cluster = (centres.repeat(10, 1) + 0.01 * torch.randn(40, 8))[None, None]  # (1, 1, 40, 8)
+    memory = knnmem.faiss_memory.FaissMemory(num_heads=1, head_dim=8, dtype=torch.float32, spec="IVF4,Flat",
+                                             k=1, train_size=40, search_params={"nprobe": 1})
+    memory.add(cluster, cluster, torch.ones(1, 40, dtype=torch.bool))
+    unlike = (10 * torch.eye(8)[4] + 3 * torch.eye(8)[0])[None, None, None]
+    memory.add(unlike, unlike, torch.ones(1, 1, dtype=torch.bool))
+    query = (torch.eye(8)[4] - 0.5 * torch.eye(8)[0])[None, None, None]
+    assert memory.search(query, slice(0, 1)).ids.item() == 40
+    without = faiss.downcast_index(memory._rows[0][0].index)  # what probing alone returns
+    probed = without.search(torch.cat([query[0, 0], torch.zeros(1, 1)], 1).numpy(), 1)[1].item()
+    assert probed != 40
+    rows, bounds, outliers = memory.export_indexes()
+    assert outliers[0][0]["ids"] == [40]
+    reloaded = knnmem.faiss_memory.FaissMemory(num_heads=1, head_dim=8, dtype=torch.float32, spec="IVF4,Flat",
+                                               k=1, train_size=40, search_params={"nprobe": 1})
+    reloaded.buffer.attach(memory.buffer.keys, memory.buffer.values, memory.buffer.valid)
+    reloaded.import_indexes(rows, bounds, outliers)
+    assert reloaded.search(query, slice(0, 1)).ids.item() == 40

@@ -60,6 +60,10 @@ def test_saved_and_reloaded_memory_gives_identical_results(model, tmp_path, inde
     assert len(loaded) == len(memory) and loaded.index == index and loaded.k == memory.k
     assert loaded._options() == memory._options()  # train_size, l2_reduction and search parameters
     assert torch.equal(read(model, loaded, query), expected)
+    if index.startswith("IVF"):  # entries unlike the training sample, searched exactly, are kept
+        layer = memory.layers[0]
+        tracked = memory.layer(layer).export_indexes()[2]
+        assert loaded.layer(layer).export_indexes()[2] == tracked and any(h["ids"] for h in tracked[0])
     # Generation writes overflow into memory: a writable load inserts it exactly like the in-RAM memory.
     prompt = torch.randint(1, 96, (1, 20))
     writable = knnmem.Memory.load(tmp_path / "store", model=model, writable=True)
