@@ -249,9 +249,13 @@ class FaissMemory:
         if not len(outliers):
             return
         found = ids[b, j]  # (queries, k), -1 where the index returned fewer
+        keys = self.buffer.keys[b, h]
+        query = queries[b, j].to(keys.dtype)
+        scores = torch.cat([
+            torch.einsum("qd,qcd->qc", query, keys[found.clamp(min=0).to(keys.device)]),
+            query @ keys[outliers.to(keys.device)].T,
+        ], dim=1).float().cpu()
         candidates = torch.cat([found, outliers.expand(found.shape[0], -1)], dim=1)
-        keys = self.buffer.keys[b, h][candidates.clamp(min=0).to(self.buffer.keys.device)]
-        scores = torch.einsum("qd,qcd->qc", queries[b, j].to(keys.dtype), keys).float().cpu()
         repeated = (outliers[None, None, :] == found[:, :, None]).any(1)
         scores[candidates < 0] = float("-inf")
         scores[:, found.shape[1]:][repeated] = float("-inf")

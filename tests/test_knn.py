@@ -214,7 +214,7 @@ def test_bad_memory_options(make_model, kwargs, message):
         knnmem.Memory.create(make_model(), **kwargs)
 
 
-def test_entries_unlike_the_training_sample_are_searched_exactly_and_persisted(tmp_path):
+def test_entries_unlike_the_training_sample_are_searched_exactly_and_persisted():
     # Lists trained on four tight clusters; then an entry far from all of them whose list is not the
     # one the query probes (nprobe=1), though it has the query's highest inner product by far.
     torch.manual_seed(0)
