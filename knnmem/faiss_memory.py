@@ -190,9 +190,9 @@ class FaissMemory:
             vectors = stored[h, sel].numpy()
             reduced = self._index_vectors(b, h, vectors)
             index.train(reduced)
+            self._insert(b, h, vectors, row_ids)  # no radius yet: the training entries are not compared
             distances = _centroid_distances(index, reduced)
             self._radii[b][h] = None if distances is None else float(distances.max(initial=0.0))
-            self._insert(b, h, vectors, row_ids)
 
     def _index_vectors(self, b: int, h: int, keys: np.ndarray) -> np.ndarray:
         """Keys (n, D) as the index stores them."""
