@@ -167,24 +167,28 @@ def cmd_compare(args) -> None:
 
 
 def cmd_passkey(args) -> None:
-    import json
-    from dataclasses import asdict
-    from pathlib import Path
-
     from .modeling import load_pretrained
-    from .passkey import passkey_misses, passkey_sweep, passkey_table, plot_passkey
+    from .passkey import passkey_sweep
 
     spec = check_spec(args.index)
     model, tokenizer = load_pretrained(args.model, args.device)
     results = passkey_sweep(model, tokenizer, args.lengths, index=spec, k=args.k,
                             exact_up_to=args.exact_up_to, trials=args.trials, seed=args.seed)
+    _print_passkey(results, args.report)
+
+
+def cmd_passkey_merge(args) -> None:
+    from .passkey import merge_results, read_report
+
+    _print_passkey(merge_results([r for path in args.reports for r in read_report(path)]), args.report)
+
+
+def _print_passkey(results, report) -> None:
+    from .passkey import passkey_misses, passkey_table, write_report
+
     print("\n".join([passkey_table(results), *passkey_misses(results)]))
-    if args.report:
-        report = Path(args.report)
-        report.mkdir(parents=True, exist_ok=True)
-        (report / "passkey.json").write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
-        plot_passkey(results, report / "passkey.png")
-        print(f"wrote {report / 'passkey.json'} and {report / 'passkey.png'}")
+    if report:
+        print("wrote " + " and ".join(str(path) for path in write_report(results, report)))
 
 
 def cmd_demo(args) -> None:
@@ -264,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="directory for passkey.json and passkey.png")
     _add_device(p)
     p.set_defaults(func=cmd_passkey)
+
+    p = sub.add_parser("passkey-merge", help="pool the trials of pass-key reports of separate runs (seeds, machines)")
+    p.add_argument("reports", nargs="+", help="report directories (or passkey.json files) of `knnmem passkey`")
+    p.add_argument("--report", help="directory for the pooled passkey.json and passkey.png")
+    p.set_defaults(func=cmd_passkey_merge)
 
     p = sub.add_parser("info", help="describe a memory store")
     p.add_argument("store")

@@ -6,10 +6,12 @@ the key sentence at the chosen depth, and the question; the model must continue 
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -101,6 +103,47 @@ def passkey_sweep(model, tokenizer, lengths: list[int], *, index: str, k: int, e
             results.append(PasskeyResult(length, spec, float(np.mean([t.correct for t in done])), trials,
                                          float(np.mean([t.seconds for t in done])), done))
     return results
+
+
+def merge_results(results: list[PasskeyResult]) -> list[PasskeyResult]:
+    """One result per (length, memory) from results of separate runs, e.g. one per seed or machine.
+
+    Accuracy and time per trial are recomputed from the pooled trials. A trial that appears twice (the
+    same length, memory, depth and key: two runs with the same seed) is refused rather than counted twice.
+    """
+    groups: dict[tuple[int, str], list[PasskeyTrial]] = {}
+    for r in results:
+        trials = groups.setdefault((r.length, r.memory), [])
+        for t in r.attempts:
+            if any(t.depth == u.depth and t.pass_key == u.pass_key for u in trials):
+                raise ValueError(f"the trial with key {t.pass_key} at depth {t.depth:.4f} ({r.memory}, {r.length:,} "
+                                 "tokens) appears in two of the reports: were they run with the same seed?")
+            trials.append(t)
+    return [PasskeyResult(length, memory, float(np.mean([t.correct for t in trials])), len(trials),
+                          float(np.mean([t.seconds for t in trials])), trials)
+            for (length, memory), trials in sorted(groups.items(), key=lambda item: item[0][0])]
+
+
+def write_report(results: list[PasskeyResult], directory) -> list[Path]:
+    """`passkey.json` (every trial) and `passkey.png` in `directory`; returns their paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "passkey.json").write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    plot_passkey(results, directory / "passkey.png")
+    return [directory / "passkey.json", directory / "passkey.png"]
+
+
+def read_report(path) -> list[PasskeyResult]:
+    """The results in a `passkey.json` written by `write_report` (a report directory or the file itself)."""
+    path = Path(path)
+    path = path / "passkey.json" if path.is_dir() else path
+    try:
+        rows = json.loads(path.read_text())
+        return [PasskeyResult(**{**row, "attempts": [PasskeyTrial(**t) for t in row["attempts"]]}) for row in rows]
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist: expected a pass-key report (passkey.json)") from None
+    except (json.JSONDecodeError, TypeError, KeyError) as error:
+        raise ValueError(f"{path} is not a pass-key report with every trial on record ({error})") from None
 
 
 def passkey_table(results: list[PasskeyResult]) -> str:

@@ -93,6 +93,30 @@ def test_passkey_reports_each_length_and_memory(model_dir, tmp_path, capsys):
     assert (tmp_path / "passkey.png").stat().st_size > 0
 
 
+def test_passkey_merge_pools_the_trials_of_separate_runs(model_dir, tmp_path, capsys):
+    for seed in (0, 1):
+        assert main(["passkey", "--model", str(model_dir), "--lengths", "100,200", "--exact-up-to", "100", "--index",
+                     "Flat", "--trials", "2", "--seed", str(seed), "--report", str(tmp_path / str(seed))]) == 0
+    runs = [json.loads((tmp_path / str(seed) / "passkey.json").read_text()) for seed in (0, 1)]
+    assert main(["passkey-merge", str(tmp_path / "0"), str(tmp_path / "1" / "passkey.json"),
+                 "--report", str(tmp_path / "all")]) == 0
+    merged = json.loads((tmp_path / "all" / "passkey.json").read_text())
+    assert [(r["length"], r["memory"], r["trials"]) for r in merged] == [
+        (100, "dense", 4), (100, "Flat", 4), (200, "Flat", 4)]
+    for row, first, second in zip(merged, *runs):
+        assert row["attempts"] == first["attempts"] + second["attempts"]
+        assert row["accuracy"] == sum(a["correct"] for a in row["attempts"]) / 4
+        assert row["seconds_per_trial"] == pytest.approx(sum(a["seconds"] for a in row["attempts"]) / 4)
+    assert (tmp_path / "all" / "passkey.png").stat().st_size > 0
+    capsys.readouterr()
+
+    assert main(["passkey-merge", str(tmp_path / "0"), str(tmp_path / "0")]) == 2  # the same trials twice
+    assert "appears in two of the reports" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text(json.dumps([{"length": 100, "memory": "Flat", "accuracy": 1.0}]))
+    assert main(["passkey-merge", str(tmp_path / "bad.json")]) == 2
+    assert "is not a pass-key report with every trial on record" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -101,6 +125,7 @@ def test_passkey_reports_each_length_and_memory(model_dir, tmp_path, capsys):
         (["passkey", "--model", "MODEL", "--index", "NoSuchIndex"], "unknown index spec"),
         (["index", "/no/such/corpus", "--model", "MODEL", "--out", "OUT"], "does not exist"),
         (["passkey", "--model", "MODEL", "--device", "gpu"], "unknown device 'gpu'"),
+        (["passkey-merge", "/no/such/report"], "does not exist: expected a pass-key report"),
         (["compare", "--model", "MODEL", "--index", "Flat", "--text", "t", "--device", "cuda:99"], "is not available"),
     ],
 )
