@@ -78,9 +78,11 @@ def run_demo(model, tokenizer, store_dir: str | Path, *, index: str, k: int, com
 
     questions = [json.loads(line) for line in (DATA / "questions.jsonl").read_text().splitlines()]
 
-    print(f"1. Indexing the demo corpus ({DATA / 'corpus.jsonl'}) with {index} (k={k}) into {store_dir}")
+    corpus = DATA / "corpus.jsonl"
+    shown = corpus.relative_to(Path.cwd()) if corpus.is_relative_to(Path.cwd()) else corpus
+    print(f"1. Indexing the demo corpus ({shown}) with {index} (k={k}) into {store_dir}")
     started = time.perf_counter()
-    built = index_corpus(model, tokenizer, [DATA / "corpus.jsonl"], path=store_dir, index=index, k=k)
+    built = index_corpus(model, tokenizer, [corpus], path=store_dir, index=index, k=k)
     print(f"   {len(built.documents)} documents, {len(built):,} tokens, {time.perf_counter() - started:.0f} s")
     train_size = getattr(built.layer(built.layers[0]), "train_size", 0)
     if train_size > len(built):
