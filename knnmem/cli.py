@@ -131,6 +131,12 @@ def cmd_info(args) -> None:
         if field in manifest:
             print(f"{field:>15}: {manifest[field]}")
     print(f"{'options':>15}: {manifest['options']}")
+    for layer, heads in manifest.get("ivf_outliers", {}).items():
+        if any(head["radius"] is not None for head in heads):  # the lists are trained
+            counts = [len(head["ids"]) for head in heads]
+            share = 100 * max(counts) / max(manifest["entries"], 1)
+            print(f"{'beyond lists':>15}: layer {layer}: {min(counts):,}-{max(counts):,} entries per head "
+                  f"searched exactly (at most {share:.2f}% of entries)")
     sizes = sum(record["bytes"] for record in manifest["files"].values())
     print(f"{'bytes on disk':>15}: {sizes:,} ({sizes / max(manifest['entries'], 1):,.0f} per entry)")
     print(f"{'documents':>15}: {len(manifest['documents'])}")

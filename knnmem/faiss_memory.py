@@ -23,6 +23,11 @@ import torch
 from .backends import MemoryHits, exact_top_k
 from .buffer import EntryBuffer
 
+# Entries searched exactly beside the IVF lists (see FaissMemory._insert) are worth a warning when they
+# are both many (more than the 32 probed lists of 39 entries scan at training size) and over this share
+# of a row's entries in one head: the lists then describe the memory poorly and each query pays for it.
+OUTLIER_WARNING_SHARE, OUTLIER_WARNING_MIN = 0.1, 1000
+
 _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="knnmem-faiss")
 
 
@@ -121,6 +126,7 @@ class FaissMemory:
         self._radii: list[list[float | None]] = []  # [row][head]: farthest training entry from its IVF centroid
         self._outliers: list[list[np.ndarray]] = []  # [row][head]: ids of later entries beyond that radius
         self._pending: Callable[[], tuple] | None = None
+        self._warned_outliers = False
         self.search_params: dict = {}
         defaults = default_search_params(probe, k)
         self.set_search_params(**{**defaults, **(search_params or {})})  # validates names before any entry arrives
@@ -212,6 +218,15 @@ class FaissMemory:
         distances = None if self._radii[b][h] is None else _centroid_distances(self._rows[b][h], reduced)
         if distances is not None:
             self._outliers[b][h] = np.concatenate([self._outliers[b][h], ids[distances > self._radii[b][h]]])
+            tracked, total = len(self._outliers[b][h]), self._rows[b][h].ntotal
+            if tracked > max(OUTLIER_WARNING_SHARE * total, OUTLIER_WARNING_MIN) and not self._warned_outliers:
+                self._warned_outliers = True
+                warnings.warn(
+                    f"{tracked:,} of {total:,} entries in a row of this {self.spec} memory lie farther from its "
+                    f"lists than any of the {self.train_size:,} entries they were trained on: every query scores "
+                    "them exactly, so searches slow down as they grow. What followed the training entries "
+                    "differs from them (another kind of text?): begin the memory with representative text, or "
+                    "raise train_size.")
 
     def search(self, queries: torch.Tensor, heads: slice) -> MemoryHits:
         batch, num_heads, num_queries, _ = queries.shape

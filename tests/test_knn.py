@@ -1,3 +1,5 @@
+import warnings
+
 import faiss
 import pytest
 import torch
@@ -224,7 +226,9 @@ def test_entries_unlike_the_training_sample_are_searched_exactly_and_persisted()
                                              k=1, train_size=40, search_params={"nprobe": 1})
     memory.add(cluster, cluster, torch.ones(1, 40, dtype=torch.bool))
     unlike = (10 * torch.eye(8)[4] + 3 * torch.eye(8)[0])[None, None, None]
-    memory.add(unlike, unlike, torch.ones(1, 1, dtype=torch.bool))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one entry in 41 is no cause for a warning
+        memory.add(unlike, unlike, torch.ones(1, 1, dtype=torch.bool))
     query = (torch.eye(8)[4] - 0.5 * torch.eye(8)[0])[None, None, None]
     assert memory.search(query, slice(0, 1)).ids.item() == 40
     without = faiss.downcast_index(memory._rows[0][0].index)  # what probing alone returns
@@ -237,3 +241,10 @@ def test_entries_unlike_the_training_sample_are_searched_exactly_and_persisted()
     reloaded.buffer.attach(memory.buffer.keys, memory.buffer.values, memory.buffer.valid)
     reloaded.import_indexes(rows, bounds, outliers)
     assert reloaded.search(query, slice(0, 1)).ids.item() == 40
+
+    more = unlike.expand(1, 1, 1000, 8) + 0.1 * torch.randn(1, 1, 1000, 8)  # 1,001 of 1,041 entries beyond the lists
+    with pytest.warns(UserWarning, match="1,001 of 1,041 entries in a row of this IVF4,Flat memory lie farther"):
+        memory.add(more, more, torch.ones(1, 1000, dtype=torch.bool))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per memory
+        memory.add(more, more, torch.ones(1, 1000, dtype=torch.bool))

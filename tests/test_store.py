@@ -11,6 +11,7 @@ import torch
 
 import knnmem
 from conftest import sharp_model, tiny_config
+from knnmem.cli import main
 
 SPECS = [
     ("dense", {}),
@@ -51,7 +52,7 @@ def read(model, memory, ids):
 
 
 @pytest.mark.parametrize("index, options", SPECS)
-def test_saved_and_reloaded_memory_gives_identical_results(model, tmp_path, index, options):
+def test_saved_and_reloaded_memory_gives_identical_results(model, tmp_path, index, options, capsys):
     memory = filled(model, index, **options)
     query = torch.randint(1, 96, (1, 12))
     expected = read(model, memory, query)
@@ -64,6 +65,10 @@ def test_saved_and_reloaded_memory_gives_identical_results(model, tmp_path, inde
         layer = memory.layers[0]
         tracked = memory.layer(layer).export_indexes()[2]
         assert loaded.layer(layer).export_indexes()[2] == tracked and any(h["ids"] for h in tracked[0])
+        counts = [len(h["ids"]) for h in tracked[0]]
+        assert main(["info", str(tmp_path / "store")]) == 0  # and `knnmem info` tells how many
+        printed = capsys.readouterr().out
+        assert f"layer {layer}: {min(counts)}-{max(counts)} entries per head searched exactly" in printed
     # Generation writes overflow into memory: a writable load inserts it exactly like the in-RAM memory.
     prompt = torch.randint(1, 96, (1, 20))
     writable = knnmem.Memory.load(tmp_path / "store", model=model, writable=True)
@@ -242,6 +247,7 @@ WRITER = """
 import sys, torch, knnmem
 sys.path.insert(0, {tests!r})
 from conftest import sharp_model, tiny_config
+from knnmem.cli import main
 model = sharp_model(tiny_config())
 memories = []
 for n in (1, 2):
