@@ -1,7 +1,7 @@
 """Store benchmark on the shipped model: indexing throughput next to plain forward throughput,
 opening a large store (time and resident memory), and bytes on disk per memory token for each index type.
 
-    python benchmarks/store_bench.py --tokens 1048576 --index HNSW32 --out benchmarks/results
+    python benchmarks/store_bench.py --tokens 1048576 --out benchmarks/results
 """
 
 from __future__ import annotations
