@@ -88,6 +88,12 @@ class PasskeyResult:
     seconds_per_trial: float
     attempts: list[PasskeyTrial]  # each trial: depth, key, answer, outcome
 
+    @classmethod
+    def of(cls, length: int, memory: str, attempts: list[PasskeyTrial]) -> PasskeyResult:
+        """The result of `attempts`: their accuracy, count and mean time."""
+        return cls(length, memory, float(np.mean([t.correct for t in attempts])), len(attempts),
+                   float(np.mean([t.seconds for t in attempts])), attempts)
+
 
 def passkey_sweep(model, tokenizer, lengths: list[int], *, index: str, k: int, exact_up_to: int, trials: int,
                   seed: int = 0) -> list[PasskeyResult]:
@@ -100,8 +106,7 @@ def passkey_sweep(model, tokenizer, lengths: list[int], *, index: str, k: int, e
             options = {} if spec == "dense" else {"k": k}
             done = run_passkey(model, tokenizer, length, trials=trials, seed=seed,
                                memory_factory=lambda: Memory.create(model, index=spec, **options))
-            results.append(PasskeyResult(length, spec, float(np.mean([t.correct for t in done])), trials,
-                                         float(np.mean([t.seconds for t in done])), done))
+            results.append(PasskeyResult.of(length, spec, done))
     return results
 
 
@@ -119,8 +124,7 @@ def merge_results(results: list[PasskeyResult]) -> list[PasskeyResult]:
                 raise ValueError(f"the trial with key {t.pass_key} at depth {t.depth:.4f} ({r.memory}, {r.length:,} "
                                  "tokens) appears in two of the reports: were they run with the same seed?")
             trials.append(t)
-    return [PasskeyResult(length, memory, float(np.mean([t.correct for t in trials])), len(trials),
-                          float(np.mean([t.seconds for t in trials])), trials)
+    return [PasskeyResult.of(length, memory, trials)
             for (length, memory), trials in sorted(groups.items(), key=lambda item: item[0][0])]
 
 

@@ -222,8 +222,11 @@ def test_entries_unlike_the_training_sample_are_searched_exactly_and_persisted()
     torch.manual_seed(0)
     centres = torch.eye(8)[:4]
     cluster = (centres.repeat(10, 1) + 0.01 * torch.randn(40, 8))[None, None]  # (1, 1, 40, 8)
-    memory = knnmem.faiss_memory.FaissMemory(num_heads=1, head_dim=8, dtype=torch.float32, spec="IVF4,Flat",
-                                             k=1, train_size=40, search_params={"nprobe": 1})
+    def new_memory():
+        return knnmem.faiss_memory.FaissMemory(num_heads=1, head_dim=8, dtype=torch.float32, spec="IVF4,Flat",
+                                               k=1, train_size=40, search_params={"nprobe": 1})
+
+    memory = new_memory()
     memory.add(cluster, cluster, torch.ones(1, 40, dtype=torch.bool))
     unlike = (10 * torch.eye(8)[4] + 3 * torch.eye(8)[0])[None, None, None]
     with warnings.catch_warnings():
@@ -236,8 +239,7 @@ def test_entries_unlike_the_training_sample_are_searched_exactly_and_persisted()
     assert probed != 40
     rows, bounds, outliers = memory.export_indexes()
     assert outliers[0][0]["ids"] == [40]
-    reloaded = knnmem.faiss_memory.FaissMemory(num_heads=1, head_dim=8, dtype=torch.float32, spec="IVF4,Flat",
-                                               k=1, train_size=40, search_params={"nprobe": 1})
+    reloaded = new_memory()
     reloaded.buffer.attach(memory.buffer.keys, memory.buffer.values, memory.buffer.valid)
     reloaded.import_indexes(rows, bounds, outliers)
     assert reloaded.search(query, slice(0, 1)).ids.item() == 40
