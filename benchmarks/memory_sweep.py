@@ -20,7 +20,7 @@ import torch
 from common import SHIPPED_MODEL, rss_bytes, stdlib_documents
 
 import knnmem
-from knnmem.quality import ProbedMemory
+from knnmem.eval.quality import RetrievalProbe
 
 # index spec -> search-parameter settings measured on the one built index
 DEFAULT_SPECS = {
@@ -100,10 +100,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import matplotlib.ticker
 
     fig, (decode, prefill, recall) = plt.subplots(1, 3, figsize=(16, 4.5))

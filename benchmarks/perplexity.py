@@ -54,10 +54,7 @@ def target_loss(model, ids: list[int], target: int, memory: knnmem.Memory | None
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     local = next(r["perplexity"] for r in rows if r["memory"] == "local")

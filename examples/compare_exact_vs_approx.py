@@ -10,8 +10,8 @@ import torch
 from transformers import AutoTokenizer
 
 import knnmem
-from knnmem.compare import compare_memories, markdown_table, write_report
-from knnmem.demo import DATA
+from knnmem.eval.compare import compare_memories, markdown_table, write_report
+from knnmem.eval.demo import DATA
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", default="model")

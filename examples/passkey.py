@@ -8,7 +8,7 @@ import argparse
 from transformers import AutoTokenizer
 
 import knnmem
-from knnmem.passkey import passkey_sweep, passkey_table
+from knnmem.eval.passkey import passkey_sweep, passkey_table
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", default="model")

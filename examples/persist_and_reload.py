@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 import knnmem
-from knnmem.demo import DATA
+from knnmem.eval.demo import DATA
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", default="model")

@@ -5,7 +5,7 @@
 
 import argparse
 
-from knnmem.train import TrainConfig, train
+from knnmem.train.trainer import TrainConfig, train
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", default="runs/small")

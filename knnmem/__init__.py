@@ -1,17 +1,18 @@
-"""knnmem: retrieval-backed memory for Focused-Transformer (LongLLaMA) models."""
+"""knnmem: retrieval-backed memory for Focused-Transformer (LongLLaMA) models.
+
+Packages, in dependency order: `memory` (entry stores, backends, the manager), `model` (LongLLaMA,
+which reads and writes a memory), `store` (memories on disk), `ingest` (corpora into memory),
+`eval` and `train`; `cli` maps commands onto them.
+"""
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .cache import LongLlamaCache
-from .config import LongLlamaConfig
-from .backends import DenseMemory, MemoryHits, TorchTopKMemory
-from .faiss_memory import FaissMemory
-from .corpus import read_corpus
-from .ingest import Document, encode_documents
+from .eval.quality import RetrievalProbe, RetrievalQuality, retrieval_quality
+from .ingest import add_documents, encode_documents, index_corpus, read_corpus
+from .memory import BACKENDS, CrossBatchMemory, DenseMemory, Document, EntryStore, Memory, MemoryHits, TorchTopKMemory
+from .memory.faiss_index import FaissMemory
+from .model import LongLlamaCache, LongLlamaConfig, LongLlamaForCausalLM, LongLlamaModel, load_pretrained
 from .store import StoreError
-from .memory import BACKENDS, Memory, index_corpus
-from .modeling import LongLlamaForCausalLM, LongLlamaModel, load_pretrained
-from .quality import ProbedMemory, RetrievalQuality, retrieval_quality
 
 __version__ = "0.1.0"
 
@@ -21,8 +22,10 @@ AutoModelForCausalLM.register(LongLlamaConfig, LongLlamaForCausalLM, exist_ok=Tr
 
 __all__ = [
     "BACKENDS",
+    "CrossBatchMemory",
     "DenseMemory",
     "Document",
+    "EntryStore",
     "FaissMemory",
     "LongLlamaCache",
     "LongLlamaConfig",
@@ -30,10 +33,11 @@ __all__ = [
     "LongLlamaModel",
     "Memory",
     "MemoryHits",
-    "ProbedMemory",
+    "RetrievalProbe",
     "RetrievalQuality",
     "StoreError",
     "TorchTopKMemory",
+    "add_documents",
     "encode_documents",
     "index_corpus",
     "load_pretrained",

@@ -68,27 +68,13 @@ def parse_token_list(text: str) -> list[int]:
     return [parse_tokens(part.strip()) for part in text.split(",") if part.strip()]
 
 
-def check_spec(spec: str) -> str:
-    """`spec` if it names a memory backend (dense, torch or a Faiss factory string)."""
-    import faiss
-
-    from .memory import BACKENDS
-
-    if spec not in BACKENDS:
-        try:
-            faiss.index_factory(8, spec, faiss.METRIC_INNER_PRODUCT)
-        except RuntimeError:
-            raise UsageError(f"unknown index spec {spec!r}: use dense, torch or a Faiss factory string "
-                             "such as Flat, HNSW32 or IVF1024,Flat") from None
-    return spec
-
-
 def cmd_index(args) -> None:
-    from .memory import index_corpus
-    from .modeling import load_pretrained
+    from .ingest import index_corpus
+    from .memory import check_spec
+    from .model import load_pretrained
 
-    spec = check_spec(args.index)
     model, tokenizer = load_pretrained(args.model, args.device)
+    spec = check_spec(args.index, model.config.head_dim)
     memory = index_corpus(model, tokenizer, args.corpus, path=args.out, index=spec, k=args.k,
                           include=args.include, text_field=args.text_field)
     print(f"indexed {len(memory.documents)} documents, {len(memory):,} tokens into {args.out} ({args.index}, k={args.k})")
@@ -97,9 +83,9 @@ def cmd_index(args) -> None:
 def cmd_generate(args) -> None:
     import torch
 
-    from .explain import explain_generation
+    from .eval.explain import explain_generation
     from .memory import Memory
-    from .modeling import load_pretrained
+    from .model import load_pretrained
 
     model, tokenizer = load_pretrained(args.model, args.device)
     memory = Memory.load(args.memory, model=model)
@@ -123,9 +109,9 @@ def cmd_generate(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from . import store
+    from .store import read_manifest
 
-    manifest = store.read_manifest(args.store)
+    manifest = read_manifest(args.store)
     fields = ("format_version", "generation", "index", "k", "layers", "num_heads", "head_dim", "dtype", "entries")
     for field in fields:
         if field in manifest:
@@ -151,12 +137,12 @@ def cmd_compare(args) -> None:
 
     import torch
 
-    from .compare import compare_memories, markdown_table, write_report
-    from .memory import Memory
-    from .modeling import load_pretrained
+    from .eval.compare import compare_memories, markdown_table, write_report
+    from .memory import Memory, check_spec
+    from .model import load_pretrained
 
-    specs = [check_spec(s) for s in args.index]
     model, tokenizer = load_pretrained(args.model, args.device)
+    specs = [check_spec(s, model.config.head_dim) for s in args.index]
     base = Memory.load(args.memory, model=model) if args.memory else None
     if args.text:
         text = Path(args.text).read_text(encoding="utf-8", errors="replace")
@@ -173,24 +159,25 @@ def cmd_compare(args) -> None:
 
 
 def cmd_passkey(args) -> None:
-    from .modeling import load_pretrained
-    from .passkey import passkey_sweep
+    from .eval.passkey import passkey_sweep
+    from .memory import check_spec
+    from .model import load_pretrained
 
-    spec = check_spec(args.index)
     model, tokenizer = load_pretrained(args.model, args.device)
+    spec = check_spec(args.index, model.config.head_dim)
     results = passkey_sweep(model, tokenizer, args.lengths, index=spec, k=args.k,
                             exact_up_to=args.exact_up_to, trials=args.trials, seed=args.seed)
     _print_passkey(results, args.report)
 
 
 def cmd_passkey_merge(args) -> None:
-    from .passkey import merge_results, read_report
+    from .eval.passkey import merge_results, read_report
 
     _print_passkey(merge_results([r for path in args.reports for r in read_report(path)]), args.report)
 
 
 def _print_passkey(results, report) -> None:
-    from .passkey import passkey_misses, passkey_table, write_report
+    from .eval.passkey import passkey_misses, passkey_table, write_report
 
     print("\n".join([passkey_table(results), *passkey_misses(results)]))
     if report:
@@ -198,16 +185,18 @@ def _print_passkey(results, report) -> None:
 
 
 def cmd_demo(args) -> None:
-    from .demo import run_demo
-    from .modeling import load_pretrained
+    from .eval.demo import run_demo
+    from .memory import check_spec
+    from .model import load_pretrained
 
-    index, compare_specs = check_spec(args.index), [check_spec(s) for s in args.compare]
     model, tokenizer = load_pretrained(args.model, args.device)
+    index = check_spec(args.index, model.config.head_dim)
+    compare_specs = [check_spec(s, model.config.head_dim) for s in args.compare]
     run_demo(model, tokenizer, args.out, index=index, k=args.k, compare_specs=compare_specs)
 
 
 def cmd_train(args) -> None:
-    from .train import TrainConfig, train
+    from .train.trainer import TrainConfig, train
 
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     try:
@@ -224,7 +213,7 @@ def _add_device(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .memory import DEFAULT_INDEX, DEFAULT_K
-    from .train import TrainConfig
+    from .train.trainer import TrainConfig
 
     parser = argparse.ArgumentParser(prog="knnmem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

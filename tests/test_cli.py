@@ -7,8 +7,8 @@ import torch
 
 import knnmem
 from knnmem.cli import main, parse_tokens
-from knnmem.tokenizer import train_tokenizer
-from knnmem.training_data import stdlib_texts
+from knnmem.train.tokenizer import train_tokenizer
+from knnmem.ingest import stdlib_texts
 
 from conftest import sharp_model, tiny_config
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from knnmem.tokenizer import train_tokenizer
-from knnmem.training_data import stdlib_texts
+from knnmem.train.tokenizer import train_tokenizer
+from knnmem.ingest import stdlib_texts
 
 from conftest import sharp_model, tiny_config
 

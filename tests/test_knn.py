@@ -6,7 +6,7 @@ import torch
 from torch.testing import assert_close
 
 import knnmem
-from knnmem.backends import exact_top_k
+from knnmem.memory import exact_top_k
 
 # Every top-k backend, with options under which it must be exact once k covers the memory.
 EXACT_WHEN_K_COVERS = [
@@ -81,8 +81,8 @@ def test_searching_a_stored_key_returns_its_own_id_and_value(index, options):
         valid = torch.ones(2, 40, dtype=torch.bool)
         valid[1, ::5] = False
         memory.add(0, keys, values, valid)
-    stored = memory.layer(0).buffer
-    hits = memory.search(0, stored.keys, slice(0, 2))  # (B, H, M, K)
+    stored = memory.entries(0)
+    hits = memory.search(0, stored.keys(), slice(0, 2))  # (B, H, M, K)
     expected = torch.arange(160).expand(2, 2, 160)
     row0_ok = hits.ids[0, :, :, 0] == expected[0]
     assert row0_ok.all()
@@ -96,7 +96,7 @@ def test_l2_reduction_ranks_by_inner_product():
     torch.manual_seed(0)
     keys = torch.randn(1, 1, 500, 16) * torch.rand(1, 1, 500, 1) * 3  # varied norms
     queries = torch.randn(1, 1, 20, 16)
-    exact = exact_top_k(queries, keys, torch.ones(1, 500, dtype=torch.bool), k=10)
+    exact = exact_top_k(queries, keys, torch.ones(1, 500, dtype=torch.bool), k=10)[1]
     memory = knnmem.Memory(layers=[0], num_heads=1, head_dim=16, dtype=torch.float32, index="Flat", k=10,
                            l2_reduction=True)
     memory.add(0, keys, keys, torch.ones(1, 500, dtype=torch.bool))
@@ -119,7 +119,7 @@ def test_masked_entries_are_never_inserted_in_faiss():
     memory = knnmem.Memory(layers=[3], num_heads=2, head_dim=8, dtype=torch.float32, index="Flat", k=4)
     valid = torch.tensor([[True, False, True, True], [False, False, True, True]])
     memory.add(3, torch.randn(2, 2, 4, 8), torch.randn(2, 2, 4, 8), valid)
-    rows = memory.layer(3)._rows
+    rows = memory.backend(3)._rows
     assert [rows[b][h].ntotal for b in range(2) for h in range(2)] == [3, 3, 2, 2]
 
 
@@ -127,7 +127,7 @@ def test_exact_top_k_matches_sort_across_blocks():
     torch.manual_seed(0)
     queries, keys = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 300, 8)
     valid = torch.rand(1, 300) > 0.2
-    ids = exact_top_k(queries, keys, valid, k=10, block=64)
+    ids = exact_top_k(queries, keys, valid, k=10, block=64)[1]
     scores = (queries @ keys.transpose(-1, -2)).masked_fill(~valid[:, None, None], float("-inf"))
     assert torch.equal(ids.sort(-1).values, scores.topk(10, dim=-1).indices.sort(-1).values)
 
@@ -137,7 +137,7 @@ def test_search_knobs_and_k_are_settable(make_model, ids):
     memory = knnmem.Memory.create(model, index="HNSW32", k=64, efSearch=8)
     forward(model, ids, memory)
     memory.set_search_params(efSearch=64)
-    assert faiss.downcast_index(memory.layer(1)._rows[0][0].index).hnsw.efSearch == 64
+    assert faiss.downcast_index(memory.backend(1)._rows[0][0].index).hnsw.efSearch == 64
     query = ids[:, :4]
 
     def read_only():  # the query stays in a local cache, so memory is not written
@@ -171,7 +171,7 @@ def test_hnsw_searches_at_least_k_candidates_unless_told(make_model, ids, option
     forward(model, ids, memory)
     indexes = [index for backend in memory._backends.values() for row in backend._rows for index in row]
     assert indexes and {faiss.downcast_index(index.index).hnsw.efSearch for index in indexes} == {expected}
-    assert memory.empty_like()._options()["efSearch"] == expected
+    assert memory.empty_like().options()["efSearch"] == expected
 
 
 @pytest.mark.parametrize(
@@ -184,11 +184,11 @@ def test_ivf_defaults_probe_a_32nd_of_the_lists_and_reduce_flat_ones_to_l2(spec,
                            train_size=300, **options)
     keys = torch.randn(1, 2, 400, 16)
     memory.add(0, keys, keys, torch.ones(1, 400, dtype=torch.bool))
-    indexes = [faiss.extract_index_ivf(index.index) for row in memory.layer(0)._rows for index in row]
+    indexes = [faiss.extract_index_ivf(index.index) for row in memory.backend(0)._rows for index in row]
     assert len(indexes) == 2 and all(index.is_trained and index.ntotal == 400 for index in indexes)
     assert {index.nprobe for index in indexes} == {nprobe}
     assert {index.d for index in indexes} == {16 + l2}
-    assert memory.l2_reduction is l2 and memory.empty_like()._options()["l2_reduction"] is l2
+    assert memory.options()["l2_reduction"] is l2 and memory.empty_like().options()["l2_reduction"] is l2
 
 
 def test_beam_search_with_faiss_memory_runs(make_model):
@@ -223,30 +223,30 @@ def test_entries_unlike_the_training_sample_are_searched_exactly_and_persisted()
     centres = torch.eye(8)[:4]
     cluster = (centres.repeat(10, 1) + 0.01 * torch.randn(40, 8))[None, None]  # (1, 1, 40, 8)
     def new_memory():
-        return knnmem.faiss_memory.FaissMemory(num_heads=1, head_dim=8, dtype=torch.float32, spec="IVF4,Flat",
-                                               k=1, train_size=40, search_params={"nprobe": 1})
+        return knnmem.Memory(layers=[0], num_heads=1, head_dim=8, dtype=torch.float32, index="IVF4,Flat",
+                             k=1, train_size=40, nprobe=1)
 
     memory = new_memory()
-    memory.add(cluster, cluster, torch.ones(1, 40, dtype=torch.bool))
+    memory.add(0, cluster, cluster, torch.ones(1, 40, dtype=torch.bool))
     unlike = (10 * torch.eye(8)[4] + 3 * torch.eye(8)[0])[None, None, None]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # one entry in 41 is no cause for a warning
-        memory.add(unlike, unlike, torch.ones(1, 1, dtype=torch.bool))
+        memory.add(0, unlike, unlike, torch.ones(1, 1, dtype=torch.bool))
     query = (torch.eye(8)[4] - 0.5 * torch.eye(8)[0])[None, None, None]
-    assert memory.search(query, slice(0, 1)).ids.item() == 40
-    without = faiss.downcast_index(memory._rows[0][0].index)  # what probing alone returns
+    assert memory.search(0, query, slice(0, 1)).ids.item() == 40
+    without = faiss.downcast_index(memory.backend(0)._rows[0][0].index)  # what probing alone returns
     probed = without.search(torch.cat([query[0, 0], torch.zeros(1, 1)], 1).numpy(), 1)[1].item()
     assert probed != 40
-    rows, bounds, outliers = memory.export_indexes()
-    assert outliers[0][0]["ids"] == [40]
+    state = memory.backend(0).export_state()
+    assert state[1]["ivf_outliers"][0]["ids"] == [40]
     reloaded = new_memory()
-    reloaded.buffer.attach(memory.buffer.keys, memory.buffer.values, memory.buffer.valid)
-    reloaded.import_indexes(rows, bounds, outliers)
-    assert reloaded.search(query, slice(0, 1)).ids.item() == 40
+    reloaded.entries(0).attach(*memory.entries(0).encoded(), memory.entries(0).valid)
+    reloaded.backend(0).import_state(lambda: state)
+    assert reloaded.search(0, query, slice(0, 1)).ids.item() == 40
 
     more = unlike.expand(1, 1, 1000, 8) + 0.1 * torch.randn(1, 1, 1000, 8)  # 1,001 of 1,041 entries beyond the lists
     with pytest.warns(UserWarning, match="1,001 of 1,041 entries in a row of this IVF4,Flat memory lie farther"):
-        memory.add(more, more, torch.ones(1, 1000, dtype=torch.bool))
+        memory.add(0, more, more, torch.ones(1, 1000, dtype=torch.bool))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once per memory
-        memory.add(more, more, torch.ones(1, 1000, dtype=torch.bool))
+        memory.add(0, more, more, torch.ones(1, 1000, dtype=torch.bool))

@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
 import knnmem
-from knnmem import attention
+from knnmem.model import attention
 from conftest import tiny_config
 
 
@@ -106,7 +106,7 @@ def test_no_mask_grows_with_input_length(make_model, monkeypatch):
         widths.append(valid.shape[-1])
         return original(valid, num_queries)
 
-    monkeypatch.setattr(knnmem.modeling, "local_mask", recording)
+    monkeypatch.setattr(knnmem.model.modeling, "local_mask", recording)
     model = make_model(max_position_embeddings=8, last_context_length=5)
     long_logits(model, torch.randint(1, 96, (1, 300)))
     assert max(widths) == 8

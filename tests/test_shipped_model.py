@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import knnmem
-from knnmem.demo import DATA, answer_tokens_predicted
-from knnmem.passkey import passkey_prompt
-from knnmem.synthetic import TEMPLATES, entity, value
+from knnmem.eval.demo import DATA, answer_tokens_predicted
+from knnmem.eval.passkey import passkey_prompt
+from knnmem.train.synthetic import TEMPLATES, entity, value
 
 MODEL = Path(__file__).resolve().parent.parent / "model"
 TRIALS, FILLER_CHARS = 4, 20_000  # about 8k tokens between each fact and its question
@@ -82,4 +82,4 @@ def test_shipped_model_finds_a_pass_key_8k_tokens_long_through_knn_memory(shippe
         out = model.generate(ids, max_new_tokens=7, do_sample=False, memory=memory)
     assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split()[0] == str(pass_key)
     if index == "IVF64,Flat":  # its lists were trained, so the search was approximate
-        assert memory.layer(memory.layers[0]).train_size < ids.shape[1]
+        assert memory.train_size < ids.shape[1]

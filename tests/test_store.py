@@ -59,13 +59,13 @@ def test_saved_and_reloaded_memory_gives_identical_results(model, tmp_path, inde
     memory.save(tmp_path / "store")
     loaded = knnmem.Memory.load(tmp_path / "store", model=model)
     assert len(loaded) == len(memory) and loaded.index == index and loaded.k == memory.k
-    assert loaded._options() == memory._options()  # train_size, l2_reduction and search parameters
+    assert loaded.options() == memory.options()  # train_size, l2_reduction and search parameters
     assert torch.equal(read(model, loaded, query), expected)
     if index.startswith("IVF"):  # entries unlike the training sample, searched exactly, are kept
         layer = memory.layers[0]
-        tracked = memory.layer(layer).export_indexes()[2]
-        assert loaded.layer(layer).export_indexes()[2] == tracked and any(h["ids"] for h in tracked[0])
-        counts = [len(h["ids"]) for h in tracked[0]]
+        tracked = memory.backend(layer).export_state()[1]["ivf_outliers"]
+        assert loaded.backend(layer).export_state()[1]["ivf_outliers"] == tracked and any(h["ids"] for h in tracked)
+        counts = [len(h["ids"]) for h in tracked]
         assert main(["info", str(tmp_path / "store")]) == 0  # and `knnmem info` tells how many
         printed = capsys.readouterr().out
         assert f"layer {layer}: {min(counts)}-{max(counts)} entries per head searched exactly" in printed
@@ -101,15 +101,16 @@ def test_stored_keys_find_their_own_ids_after_reload(model, tmp_path):
     memory = filled(model, "Flat", k=1)
     memory.save(tmp_path / "store")
     loaded = knnmem.Memory.load(tmp_path / "store", model=model)
-    buffer = loaded.layer(1).buffer
-    keys = torch.nn.functional.normalize(buffer.keys.float(), dim=-1)  # unit norm: a key's best match is itself
+    entries = loaded.entries(1)
+    keys = torch.nn.functional.normalize(entries.keys().float(), dim=-1)  # unit norm: a key's best match is itself
     unit = knnmem.Memory(layers=[1], num_heads=4, head_dim=8, dtype=torch.float32, index="Flat", k=1)
-    unit.add(1, keys, buffer.values.float(), buffer.valid)
+    unit.add(1, keys, entries.values().float(), entries.valid)
     hits = unit.search(1, keys, slice(0, 4))
     own = hits.ids[0, :, :, 0] == torch.arange(len(loaded))
     assert own.float().mean() > 0.9  # same token opening a window gives identical layer-1 keys
-    torch.testing.assert_close(hits.keys[0, :, :, 0][~own], keys[0][~own])  # the others are duplicates
-    assert torch.equal(loaded.layer(1).buffer.values, memory.layer(1).buffer.values)
+    retrieved = keys[0].gather(1, hits.ids[0, :, :, 0, None].expand(-1, -1, keys.shape[-1]))  # (H, M, D)
+    torch.testing.assert_close(retrieved[~own], keys[0][~own])  # the others are duplicates
+    assert torch.equal(loaded.entries(1).values(), memory.entries(1).values())
 
 
 def test_documents_and_provenance_survive(model, tmp_path):
@@ -128,7 +129,7 @@ def test_document_order_does_not_change_entries(model):
     backward = knnmem.Memory.create(model)
     knnmem.encode_documents(model, documents()[::-1], backward, progress=False)
     a, b = forward.documents[0], backward.documents[2]
-    assert torch.equal(forward.layer(2).buffer.keys[:, :, a.start:a.end], backward.layer(2).buffer.keys[:, :, b.start:b.end])
+    assert torch.equal(forward.entries(2).keys()[:, :, a.start:a.end], backward.entries(2).keys()[:, :, b.start:b.end])
 
 
 def test_read_only_store_keeps_generation_in_an_overlay(model, tmp_path):
@@ -158,7 +159,7 @@ def test_add_documents_and_reindex(model, tmp_path):
                                  progress=False)
     assert [Path(d.name).name for d in memory.documents] == ["one.txt", "two.txt"]
     writable = knnmem.Memory.load(tmp_path / "store", model=model, writable=True)
-    writable.add_documents(model, CharTokenizer(), [jsonl], progress=False)
+    knnmem.add_documents(writable, model, CharTokenizer(), [jsonl], progress=False)
     reloaded = knnmem.Memory.load(tmp_path / "store", model=model)
     assert [d.name for d in reloaded.documents][-1] == "j1" and len(reloaded) == len(memory) + 54
     exact = reloaded.reindex("torch", path=tmp_path / "exact", k=1000)
@@ -166,7 +167,7 @@ def test_add_documents_and_reindex(model, tmp_path):
     query = torch.randint(1, 96, (1, 6))
     torch.testing.assert_close(read(model, exact, query), read(model, reloaded.reindex("dense"), query))
     with pytest.raises(ValueError, match="load it with writable=True"):
-        reloaded.add_documents(model, CharTokenizer(), [jsonl], progress=False)
+        knnmem.add_documents(reloaded, model, CharTokenizer(), [jsonl], progress=False)
 
 
 def test_corpus_errors(tmp_path):

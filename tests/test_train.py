@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 import knnmem
-from knnmem.passkey import FILLER, key_sentence, passkey_prompt, run_passkey
-from knnmem.synthetic import NOUNS, SUBJECTS, attribute, haystack, retrieval_document
-from knnmem.tokenizer import train_tokenizer
-from knnmem.train import TrainConfig, Trainer
-from knnmem.training_data import LOCAL_ANSWER, MEMORY_ANSWER
+from knnmem.eval.passkey import FILLER, key_sentence, passkey_prompt, run_passkey
+from knnmem.train.synthetic import NOUNS, SUBJECTS, attribute, haystack, retrieval_document
+from knnmem.train.tokenizer import train_tokenizer
+from knnmem.train.trainer import TrainConfig, Trainer
+from knnmem.train.data import LOCAL_ANSWER, MEMORY_ANSWER
 
 from conftest import sharp_model, tiny_config
 
@@ -28,7 +28,7 @@ def test_cross_batch_row_equals_inference_with_previous_rows_in_memory(mem_posit
     model = sharp_model(tiny_config(max_position_embeddings=8, last_context_length=8, mem_positionals=mem_positionals))
     ids = torch.randint(1, 96, (3, 8))
     with torch.no_grad():
-        trained = model(ids, use_cache=False, cross_batch_range=2).logits
+        trained = model(ids, use_cache=False, memory=knnmem.CrossBatchMemory(2)).logits
         for row in range(3):
             # Row r is the last window of rows 0..r read in one pass: the earlier windows are in memory
             # (each computed, as in training, with its own predecessors in memory).
@@ -43,8 +43,8 @@ def test_cross_batch_top_k_equals_inference_with_exact_top_k_memory(top_k):
     model = sharp_model(tiny_config(max_position_embeddings=8, last_context_length=8))
     ids = torch.randint(1, 96, (3, 8))
     with torch.no_grad():
-        trained = model(ids, use_cache=False, cross_batch_range=2, cross_batch_top_k=top_k).logits
-        dense = model(ids, use_cache=False, cross_batch_range=2).logits
+        trained = model(ids, use_cache=False, memory=knnmem.CrossBatchMemory(2, top_k)).logits
+        dense = model(ids, use_cache=False, memory=knnmem.CrossBatchMemory(2)).logits
         for row in range(1, 3):
             memory = knnmem.Memory.create(model, index="torch", k=top_k)
             expected = model(ids[: row + 1].reshape(1, -1), use_cache=False, last_context_length=8,
@@ -58,8 +58,8 @@ def test_cross_batch_top_k_picks_valid_entries_first(make_model):
     model = make_model(max_position_embeddings=8, last_context_length=8)
     ids = torch.randint(1, 96, (3, 8))
     with torch.no_grad():
-        top8 = model(ids, use_cache=False, cross_batch_range=2, cross_batch_top_k=8).logits
-        dense = model(ids, use_cache=False, cross_batch_range=2).logits
+        top8 = model(ids, use_cache=False, memory=knnmem.CrossBatchMemory(2, 8)).logits
+        dense = model(ids, use_cache=False, memory=knnmem.CrossBatchMemory(2)).logits
     torch.testing.assert_close(top8[:2], dense[:2])
     assert not torch.allclose(top8[2], dense[2], atol=1e-3)  # row 2 has 16 valid entries
 
@@ -69,7 +69,7 @@ def test_cross_batch_range_zero_is_ordinary_attention(make_model, ids):
     window = ids[:, :16]
     with torch.no_grad():
         torch.testing.assert_close(
-            model(window, use_cache=False, cross_batch_range=0).logits, model(window, use_cache=False).logits
+            model(window, use_cache=False, memory=knnmem.CrossBatchMemory(0)).logits, model(window, use_cache=False).logits
         )
 
 
@@ -77,26 +77,26 @@ def test_cross_batch_gradients_reach_earlier_rows(make_model):
     # One memory layer, the last: what row 1 passes to row 2 does not itself depend on row 0.
     model = make_model(max_position_embeddings=8, last_context_length=8, mem_layers=[2])
     embeds = model.get_input_embeddings()(torch.randint(1, 96, (3, 8))).detach().requires_grad_()
-    model(inputs_embeds=embeds, use_cache=False, cross_batch_range=1).logits[2].sum().backward()
+    model(inputs_embeds=embeds, use_cache=False, memory=knnmem.CrossBatchMemory(1)).logits[2].sum().backward()
     assert embeds.grad[1].abs().sum() > 0  # row 2 reads row 1 through memory
     assert embeds.grad[0].abs().sum() == 0  # but not row 0, beyond the range
 
 
-def test_cross_batch_rejects_long_inputs_and_memory(make_model, ids):
+def test_cross_batch_rejects_long_inputs_and_bad_settings(make_model, ids):
     model = make_model()
     with pytest.raises(ValueError, match="at most one window"):
-        model(ids, use_cache=False, cross_batch_range=1)
-    with pytest.raises(ValueError, match="no memory"):
-        model(ids[:, :8], use_cache=False, cross_batch_range=1, memory=knnmem.Memory.create(model))
-    with pytest.raises(ValueError, match="cross_batch_top_k must be at least 1"):
-        model(ids[:, :8], use_cache=False, cross_batch_range=1, cross_batch_top_k=0)
-    with pytest.raises(ValueError, match="give cross_batch_range too"):
-        model(ids[:, :8], use_cache=False, cross_batch_top_k=4)
+        model(ids, use_cache=False, memory=knnmem.CrossBatchMemory(1))
+    with pytest.raises(ValueError, match="no cache"):
+        model(ids[:, :8], use_cache=True, memory=knnmem.CrossBatchMemory(1))
+    with pytest.raises(ValueError, match="top_k must be at least 1"):
+        knnmem.CrossBatchMemory(1, 0)
+    with pytest.raises(ValueError, match="distance must be an integer >= 0"):
+        knnmem.CrossBatchMemory(-1)
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from knnmem.training_data import stdlib_texts
+    from knnmem.ingest import stdlib_texts
 
     text = "\n".join(t for _, t in stdlib_texts("train")[:40])
     return train_tokenizer(text.splitlines() + ["café naïve 数字 — 2026"], tmp_path_factory.mktemp("tok"), vocab_size=400)

@@ -10,10 +10,7 @@ sees earlier parts of its own document and parts of other documents. Every batch
 
 from __future__ import annotations
 
-import sysconfig
-import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,24 +22,6 @@ NOT_ANSWER, LOCAL_ANSWER, MEMORY_ANSWER = 0, 1, 2
 CHARS_PER_TOKEN = 2.6  # about right for code and English with a 2k vocabulary; documents are cut in tokens
 HAYSTACK_FRACTION = 0.4  # synthetic documents whose filler is repeated simple sentences instead of real text
 HAYSTACK_GAP = 2000  # their largest filler passage (characters): few facts in much filler, like a needle in a haystack
-
-
-def stdlib_texts(split: str, *, heldout_percent: int = 3) -> list[tuple[str, str]]:
-    """(relative path, text) of the standard library's `.py` files in `split` ("train" or "heldout")."""
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    root = Path(sysconfig.get_paths()["stdlib"])
-    texts = []
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root).as_posix()
-        if "site-packages" in rel or "test" in rel.split("/")[0]:
-            continue
-        heldout = zlib.crc32(rel.encode()) % 100 < heldout_percent
-        if heldout == (split == "heldout"):
-            texts.append((rel, path.read_text(encoding="utf-8", errors="replace")))
-    if not texts:
-        raise RuntimeError(f"no standard-library sources found under {root}")
-    return texts
 
 
 @dataclass

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .memory import DEFAULT_K, Memory
-from .quality import ProbedMemory
+from ..memory import DEFAULT_K, Memory
+from ..plotting import pyplot
+from .quality import RetrievalProbe
 
 
 @dataclass
@@ -69,19 +70,20 @@ def compare_memories(model, input_ids: torch.Tensor, specs: list[str], *, ks: li
     start = min(model.config.max_position_embeddings, input_ids.shape[1] - 1) if base is None else 0
     labels = input_ids[0, start + 1:]
 
-    def build(spec: str, k: int | None) -> ProbedMemory:
-        memory = ProbedMemory.create(model, index=spec, **({"k": k} if k else {}))
-        if search_params and spec not in ("dense", "torch"):
+    def build(spec: str, k: int) -> tuple[Memory, RetrievalProbe]:
+        memory = Memory.create(model, index=spec, k=k)
+        if search_params and memory.search_params():  # the knobs apply to indexes that have any
             memory.set_search_params(**search_params)
         if base is not None:
             memory.extend(base)
-        return memory
+        return memory, RetrievalProbe(memory)
 
-    def row(spec, k, memory, logits, outputs, seconds, reference) -> Comparison:
+    def row(spec, k, built, logits, outputs, seconds, reference) -> Comparison:
+        memory, probe = built
         ref_logits, ref_outputs = reference
         log_probs, ref_log_probs = logits.log_softmax(-1), ref_logits.log_softmax(-1)
         nll = -log_probs[:-1].gather(-1, labels[:, None]).mean() if len(labels) else torch.tensor(float("nan"))
-        quality = memory.quality()
+        quality = probe.quality()
         return Comparison(
             index=spec, k=k, recall=quality.recall, mass_captured=quality.mass_captured,
             output_rel_error=float((outputs - ref_outputs).norm() / ref_outputs.norm().clamp_min(1e-12)),
@@ -91,15 +93,15 @@ def compare_memories(model, input_ids: torch.Tensor, specs: list[str], *, ks: li
             memory_bytes=memory.nbytes, bytes_per_entry=memory.nbytes / max(len(memory), 1),
         )
 
-    dense = build("dense", None)
-    logits, outputs, seconds = _run(model, input_ids, dense, start)
+    dense = build("dense", DEFAULT_K)
+    logits, outputs, seconds = _run(model, input_ids, dense[0], start)
     reference = (logits, outputs)
     results = [row("dense", None, dense, logits, outputs, seconds, reference)]
     for spec in specs:
         for k in ks:
-            memory = build(spec, k)
-            logits, outputs, seconds = _run(model, input_ids, memory, start)
-            results.append(row(spec, k, memory, logits, outputs, seconds, reference))
+            built = build(spec, k)
+            logits, outputs, seconds = _run(model, input_ids, built[0], start)
+            results.append(row(spec, k, built, logits, outputs, seconds, reference))
     return results
 
 
@@ -120,10 +122,7 @@ def markdown_table(rows: list[Comparison]) -> str:
 
 def write_report(rows: list[Comparison], directory: str | Path) -> list[Path]:
     """`comparison.json`, `recall_vs_speed.png` and `error_vs_k.png` in `directory`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

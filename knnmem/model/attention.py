@@ -1,16 +1,18 @@
 """Attention maths of LongLLaMA as pure functions: rotary embeddings, masks, and the single softmax
 over local context and retrieved memory. Modules in `modeling.py` only project and dispatch here.
+
+With grouped-query attention the queries of the G query heads sharing a key/value head are laid out
+as one block of G*T queries of that head (`group_queries`), so local keys and memory are read once
+per key/value head, never copied per query head.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 
-from .backends import MemoryHits
+from ..memory.protocol import MemoryHits
 
 
 def rotary_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
@@ -57,67 +59,21 @@ def local_mask(valid: torch.Tensor, num_queries: int) -> torch.Tensor:
     return causal[None, None] & valid[:, None, None, :].bool()
 
 
-class CrossBatch(NamedTuple):
-    """FoT's training-time memory: memory layers of row b read rows b-1, ..., b-`distance` of the batch.
-
-    With `top_k`, each query attends to only the `top_k` highest-scoring of those entries, the ones a
-    top-k memory would retrieve at inference; None attends to all of them (FoT's dense training).
-    """
-
-    distance: int
-    top_k: int | None = None
-
-
-def cross_batch_hits(keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, distance: int) -> MemoryHits:
-    """Memory of FoT's cross-batch attention: row b sees the keys and values of rows b-1, ..., b-distance.
-
-    Args:
-        keys, values: (B, H, T, D) unrotated keys and values of the rows (as if at position 0).
-        valid: (B, T) non-padding flags.
-
-    Returns:
-        Hits shared by all queries of a row: keys/values (B, H, distance*T, D), valid (B, distance*T);
-        rows before the first one are invalid.
-    """
-    def shift(x: torch.Tensor, rows: int) -> torch.Tensor:
-        return torch.cat([torch.zeros_like(x[:rows]), x[: x.shape[0] - rows]]) if rows < x.shape[0] else torch.zeros_like(x)
-
-    shifts = range(1, distance + 1)
-    return MemoryHits(
-        keys=torch.cat([shift(keys, j) for j in shifts], dim=2),
-        values=torch.cat([shift(values, j) for j in shifts], dim=2),
-        valid=torch.cat([shift(valid.bool(), j) for j in shifts], dim=1),
-    )
-
-
-def _top_k_hits(queries: torch.Tensor, hits: MemoryHits, top_k: int) -> MemoryHits:
-    """Per-query hits holding each query's `top_k` highest-scoring valid entries of shared `hits`.
-
-    The choice carries no gradient, as retrieval from an index does not; attention over the chosen
-    entries does. Scores are formed one batch row at a time, so a wide cross-batch memory costs
-    (H x T x M) at once, not (B x H x T x M). Invalid entries are chosen last and stay invalid.
-    """
-    batch, heads, length, _ = queries.shape
-    floor = torch.finfo(queries.dtype).min
-    with torch.no_grad():
-        best = torch.stack([
-            torch.matmul(queries[b], hits.keys[b].to(queries.dtype).transpose(-1, -2))
-            .masked_fill_(~hits.valid[b, None, None, :], floor)
-            .topk(top_k, dim=-1).indices
-            for b in range(batch)
-        ])  # (B, H, T, K)
-
-    def gather(x: torch.Tensor) -> torch.Tensor:  # (B, H, M, D) -> (B, H, T, K, D)
-        flat = best.reshape(batch, heads, length * top_k, 1).expand(-1, -1, -1, x.shape[-1])
-        return x.gather(2, flat).view(batch, heads, length, top_k, x.shape[-1])
-
-    valid = hits.valid[:, None, None, :].expand(-1, heads, length, -1).gather(-1, best)
-    return MemoryHits(keys=gather(hits.keys), values=gather(hits.values), valid=valid)
-
-
 def _masked_scores(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     floor = min_score(scores.dtype)
     return scores.masked_fill(~mask, floor).clamp_min(floor)
+
+
+def group_queries(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """(B, H, T, D) per query head -> (B, Hkv, G*T, D), the G = H / Hkv heads of a group one after another."""
+    batch, heads, length, dim = x.shape
+    return x.reshape(batch, num_kv_heads, (heads // num_kv_heads) * length, dim)
+
+
+def ungroup_queries(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The inverse of `group_queries`: (B, Hkv, G*T, D) -> (B, H, T, D)."""
+    batch, kv_heads, grouped, dim = x.shape
+    return x.reshape(batch, num_heads, grouped * kv_heads // num_heads, dim)
 
 
 def attend(
@@ -127,28 +83,28 @@ def attend(
     mask: torch.Tensor,
     hits: MemoryHits | None = None,
     *,
-    top_k: int | None = None,
     use_sdpa: bool = False,
 ) -> torch.Tensor:
     """Attention of `queries` over local keys plus optional memory hits, with one softmax.
 
     Args:
-        queries: (B, H, T, D), already rotated as the layer requires.
+        queries: (B, H, T, D), already rotated as the layer requires (H: key/value heads, T may hold
+            the queries of several query heads, see `group_queries`).
         keys, values: (B, H, S, D) local keys (rotated) and values.
         mask: (B, 1, T, S) boolean, True where a query may see a local key.
         hits: memory entries retrieved for these queries: shared by all queries (keys (B, H, M, D)) or
-            per query (keys (B, H, T, K, D)); `hits.valid` marks entries that may receive attention.
-        top_k: with shared hits, each query attends to only its `top_k` highest-scoring valid entries.
+            per query (values (B, H, T, K, D) with their scores); `hits.valid` marks entries that may
+            receive attention.
         use_sdpa: use the fused kernel where the key set is shared by several queries.
 
     Returns:
         (B, H, T, D) attention output, in the dtype of `queries`.
     """
     scale = math.sqrt(queries.shape[-1])
-    shared = hits is None or hits.keys.dim() == 4
+    shared = hits is None or hits.shared
     # The fused kernel saves the (T x M) score matrix; for a single query there is none to save, and
     # concatenating the memory to the local keys would cost more than the plain product.
-    if use_sdpa and shared and top_k is None and queries.shape[-2] > 1:
+    if use_sdpa and shared and queries.shape[-2] > 1:
         if hits is not None:
             keys = torch.cat([keys, hits.keys.to(keys.dtype)], dim=-2)
             values = torch.cat([values, hits.values.to(values.dtype)], dim=-2)
@@ -163,18 +119,15 @@ def attend(
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(queries.dtype)
         return torch.matmul(probs, values)
 
-    if shared and top_k is not None and top_k < hits.keys.shape[-2]:
-        hits, shared = _top_k_hits(queries, hits, top_k), False
-    mem_keys = hits.keys.to(queries.dtype)
     mem_values = hits.values.to(values.dtype)
     if shared:
-        mem_scores = torch.matmul(queries, mem_keys.transpose(-1, -2)).div_(scale)  # (B, H, T, M)
+        mem_scores = torch.matmul(queries, hits.keys.to(queries.dtype).transpose(-1, -2)).div_(scale)  # (B, H, T, M)
         mem_valid = hits.valid[:, None, None, :]
-    else:
-        mem_scores = torch.einsum("bhtd,bhtkd->bhtk", queries, mem_keys).div_(scale)  # (B, H, T, K)
+    else:  # scored by the search: (B, H, T, K)
+        mem_scores = (hits.scores / scale).to(scores.dtype)
         mem_valid = hits.valid
     if not bool(mem_valid.all()):
-        mem_scores.masked_fill_(~mem_valid, min_score(mem_scores.dtype))
+        mem_scores = mem_scores.masked_fill(~mem_valid, min_score(mem_scores.dtype))
     # One float32 softmax over [local, memory], then one product with [local, memory] values: the
     # published implementation's exact operation order, so bfloat16-stored memory rounds identically.
     probs = torch.softmax(torch.cat([scores, mem_scores], dim=-1), dim=-1, dtype=torch.float32).to(queries.dtype)

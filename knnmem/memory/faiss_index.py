@@ -4,8 +4,8 @@ Index specs are Faiss factory strings ("Flat", "HNSW32", "IVF1024,Flat", "IVF102
 with METRIC_INNER_PRODUCT, so retrieval ranks entries by q·k, the attention score before scaling.
 Indexes that need training (IVF, PQ) are trained once a row holds `train_size` valid entries; until
 then that row is searched exactly, as is a row holding no more than k entries. Index ids are the
-entry ids of the layer's `EntryBuffer`. For a model on CUDA with faiss-gpu installed, index types
-Faiss supports on GPU are built there.
+entry ids of the layer's `EntryStore`, from which the indexes are filled. For a model on CUDA with
+faiss-gpu installed, index types Faiss supports on GPU are built there.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import faiss
 import numpy as np
 import torch
 
-from .backends import MemoryHits, exact_top_k
-from .buffer import EntryBuffer
+from .entries import EntryStore
+from .exact import top_k_hits
+from .protocol import MemoryHits
 
 # Entries searched exactly beside the IVF lists (see FaissMemory._insert) are worth a warning when they
 # are both many (more than the 32 probed lists of 39 entries scan at training size) and over this share
@@ -79,6 +80,7 @@ class FaissMemory:
     """Top-k retrieval from Faiss indexes, one per (batch row, head).
 
     Args:
+        entries: the layer's entry store, whose ids the indexes use.
         spec: Faiss factory string.
         k: entries retrieved per query and head.
         train_size: valid entries a row needs before its indexes are trained (IVF/PQ only).
@@ -101,18 +103,16 @@ class FaissMemory:
 
     def __init__(
         self,
+        entries: EntryStore,
         *,
-        num_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
         spec: str,
         k: int,
         train_size: int | None = None,
         search_params: dict | None = None,
         l2_reduction: bool | None = None,
     ):
-        self.buffer = EntryBuffer(num_heads=num_heads, head_dim=head_dim, dtype=dtype)
-        probe = new_index(spec, head_dim)  # type, lists and training needs are those of the reduced index too
+        self.entries = entries
+        probe = new_index(spec, entries.head_dim)  # type, lists and training needs are those of the reduced index too
         if l2_reduction is None:
             l2_reduction = isinstance(faiss.downcast_index(probe), faiss.IndexIVFFlat)
         self.spec, self.k, self.l2_reduction = spec, k, l2_reduction
@@ -127,7 +127,7 @@ class FaissMemory:
         self._outliers: list[list[np.ndarray]] = []  # [row][head]: ids of later entries beyond that radius
         self._pending: Callable[[], tuple] | None = None
         self._warned_outliers = False
-        self.search_params: dict = {}
+        self._search_params: dict = {}
         defaults = default_search_params(probe, k)
         self.set_search_params(**{**defaults, **(search_params or {})})  # validates names before any entry arrives
 
@@ -135,63 +135,69 @@ class FaissMemory:
     def _rows(self) -> list[list[faiss.Index]]:
         if self._pending is not None:  # indexes of a store, read on first use
             load, self._pending = self._pending, None
-            self.import_indexes(*load())
+            self._adopt(*load())
         return self._loaded_rows
 
     @_rows.setter
     def _rows(self, rows: list[list[faiss.Index]]) -> None:
         self._loaded_rows = rows
 
-    def index_bytes(self) -> int:
+    def nbytes(self) -> int:
         """Bytes of every index of this layer, serialized."""
         return sum(faiss.serialize_index(index).nbytes for row in self._rows for index in row)
 
-    def __len__(self) -> int:
-        return len(self.buffer)
-
     def reset(self) -> None:
-        self.buffer.reset()
         self._rows, self._bounds, self._radii, self._outliers, self._pending = [], [], [], [], None
+
+    def close(self) -> None:
+        self.reset()  # drops the indexes and with them any memory-mapped index file
 
     def _new_row(self, device: torch.device) -> list[faiss.Index]:
         row = []
-        for _ in range(self.buffer.num_heads):
-            inner = _on_device(new_index(self.spec, self.buffer.head_dim, self.l2_reduction), device)
-            _apply_params(inner, self.search_params)
+        for _ in range(self.entries.num_heads):
+            inner = _on_device(new_index(self.spec, self.entries.head_dim, self.l2_reduction), device)
+            _apply_params(inner, self._search_params)
             row.append(faiss.IndexIDMap2(inner))  # the wrapper keeps a reference to `inner`
         return row
 
+    def search_params(self) -> dict:
+        return dict(self._search_params)
+
+    def options(self) -> dict:
+        return dict(train_size=self.train_size, l2_reduction=self.l2_reduction, **self._search_params)
+
     def set_search_params(self, **params) -> None:
         """Set Faiss search parameters (e.g. `efSearch=128`, `nprobe=64`) on every index."""
-        _apply_params(new_index(self.spec, self.buffer.head_dim, self.l2_reduction), params)  # raises if unknown
-        self.search_params.update(params)
+        _apply_params(new_index(self.spec, self.entries.head_dim, self.l2_reduction), params)  # raises if unknown
+        self._search_params.update(params)
         for row in self._rows:
             for index in row:
                 _apply_params(faiss.downcast_index(index.index), params)
 
-    def add(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
-        ids = self.buffer.add(keys, values, valid)
-        while len(self._rows) < keys.shape[0]:
-            self._rows.append(self._new_row(keys.device))
-            self._bounds.append([None] * self.buffer.num_heads)
-            self._radii.append([None] * self.buffer.num_heads)
-            self._outliers.append([np.zeros(0, dtype=np.int64) for _ in range(self.buffer.num_heads)])
-        keys32 = keys.detach().float().cpu()
+    def add(self, ids: range) -> None:
+        batch, heads = self.entries.batch_size, self.entries.num_heads
+        while len(self._rows) < batch:
+            self._rows.append(self._new_row(self.entries.device))
+            self._bounds.append([None] * heads)
+            self._radii.append([None] * heads)
+            self._outliers.append([np.zeros(0, dtype=np.int64) for _ in range(heads)])
+        keys = self.entries.keys()[:, :, ids.start : ids.stop].detach().float().cpu()  # (B, H, T, D) as stored
+        valid = self.entries.valid[:, ids.start : ids.stop].cpu()
         for b, row in enumerate(self._rows):
             if not row[0].is_trained:
                 self._maybe_train(b)  # trains on (and inserts) everything stored so far
                 continue
-            sel = valid[b].cpu().bool()
+            sel = valid[b]
             row_ids = np.arange(ids.start, ids.stop, dtype=np.int64)[sel.numpy()]
             for h in range(len(row)):
-                self._insert(b, h, keys32[b, h, sel].numpy(), row_ids)
+                self._insert(b, h, keys[b, h, sel].numpy(), row_ids)
 
     def _maybe_train(self, b: int) -> None:
-        sel = self.buffer.valid[b].cpu()
+        sel = self.entries.valid[b].cpu()
         if int(sel.sum()) < max(self.train_size, 1):
             return
         row_ids = np.flatnonzero(sel.numpy()).astype(np.int64)
-        stored = self.buffer.keys[b].detach().float().cpu()  # (H, M, D)
+        stored = self.entries.keys()[b].detach().float().cpu()  # (H, M, D)
         for h, index in enumerate(self._rows[b]):
             vectors = stored[h, sel].numpy()
             reduced = self._index_vectors(b, h, vectors)
@@ -230,85 +236,105 @@ class FaissMemory:
 
     def search(self, queries: torch.Tensor, heads: slice) -> MemoryHits:
         batch, num_heads, num_queries, _ = queries.shape
-        k = min(self.k, len(self.buffer))
-        ids = torch.full((batch, num_heads, num_queries, k), -1, dtype=torch.long)
+        k = min(self.k, len(self.entries))
+        # Rows an index answers: trained, and holding more entries than k (else the top k are all of
+        # them, which an approximate index such as HNSW may not return in full). Others are exact.
+        indexed = [b for b in range(batch) if self._rows[b][0].is_trained and self._rows[b][0].ntotal > self.k]
+        if len(indexed) < batch:
+            exact = top_k_hits(self.entries, queries, heads, k)
+            if not indexed:
+                return exact
+        # One conversion of the queries for Faiss: float32 on the CPU, with the reduction's zero coordinate.
         queries32 = queries.detach().float().cpu()
         if self.l2_reduction:
             queries32 = torch.cat([queries32, queries32.new_zeros(queries32.shape[:-1] + (1,))], dim=-1)
-        head_ids = range(heads.start or 0, (heads.start or 0) + num_heads)
+        queries32 = queries32.numpy()
+        first_head = heads.start or 0
+        found: dict[tuple[int, int], np.ndarray] = {}
 
         def search_one(task):
             b, j = task
-            index = self._rows[b][head_ids[j]]
-            found = index.search(np.ascontiguousarray(queries32[b, j].numpy()), k)[1]
-            ids[b, j] = torch.from_numpy(found)
+            index = self._rows[b][first_head + j]
+            candidates = index.search(np.ascontiguousarray(queries32[b, j]), k)[1]  # (T, k), -1 where fewer
+            outliers = self._outliers[b][first_head + j]
+            if len(outliers):  # scored exactly with the candidates below, and the best k kept
+                candidates = np.concatenate([candidates, np.broadcast_to(outliers, (num_queries, len(outliers)))], 1)
+            found[b, j] = candidates
 
-        # Rows an index answers: trained, and holding more entries than k (else the top k are all of
-        # them, which an approximate index such as HNSW may not return in full).
-        indexed = [b for b in range(batch) if self._rows[b][0].is_trained and self._rows[b][0].ntotal > self.k]
-        tasks = [(b, j) for b in indexed for j in range(num_heads)]
         with _single_threaded_faiss():
-            list(_POOL.map(search_one, tasks))
-        for b, j in tasks:
-            self._merge_outliers(queries, ids, b, j, head_ids[j])
-        for b in set(range(batch)) - set(indexed):  # exact search
-            ids[b : b + 1] = exact_top_k(
-                queries[b : b + 1], self.buffer.keys[b : b + 1, heads], self.buffer.valid[b : b + 1], k
-            ).cpu()
+            list(_POOL.map(search_one, [(b, j) for b in indexed for j in range(num_heads)]))
+        width = max(c.shape[1] for c in found.values())
+        ids = torch.full((batch, num_heads, num_queries, width), -1, dtype=torch.long)
+        for (b, j), candidates in found.items():
+            ids[b, j, :, : candidates.shape[1]] = torch.from_numpy(candidates)
         ids = ids.to(queries.device)
-        return MemoryHits(*self.buffer.gather(heads, ids), ids=ids)
+        # Each candidate is scored once, in torch, as attention would score it.
+        keys, values, valid = self.entries.take(ids, heads, keys=True)
+        scores = torch.einsum("bhtd,bhtkd->bhtk", queries, keys.to(queries.dtype)).float()
+        if width > k:
+            # Outliers may repeat an id the lists returned: keep each id's first occurrence only.
+            repeated = _repeats(ids, k)
+            scores = scores.masked_fill(~valid | repeated, float("-inf"))
+            scores, order = scores.topk(k, dim=-1)
+            ids, values = ids.gather(-1, order), values.gather(-2, order[..., None].expand(-1, -1, -1, -1, values.shape[-1]))
+            valid = valid.gather(-1, order) & (scores > float("-inf"))
+        hits = MemoryHits(None, values, valid, ids, scores)
+        if len(indexed) < batch:
+            rows = torch.tensor([b not in indexed for b in range(batch)], device=queries.device)
+            hits = MemoryHits(None, *(torch.where(_expand(rows, mine), theirs, mine)
+                                      for mine, theirs in zip(hits[1:], exact[1:])))
+        return hits
 
-    def _merge_outliers(self, queries: torch.Tensor, ids: torch.Tensor, b: int, j: int, h: int) -> None:
-        """Replace ids[b, j] by the top k of its entries and the row's outliers, by exact score."""
-        outliers = torch.from_numpy(self._outliers[b][h])
-        if not len(outliers):
-            return
-        found = ids[b, j]  # (queries, k), -1 where the index returned fewer
-        keys = self.buffer.keys[b, h]
-        query = queries[b, j].to(keys.dtype)
-        scores = torch.cat([
-            torch.einsum("qd,qcd->qc", query, keys[found.clamp(min=0).to(keys.device)]),
-            query @ keys[outliers.to(keys.device)].T,
-        ], dim=1).float().cpu()
-        candidates = torch.cat([found, outliers.expand(found.shape[0], -1)], dim=1)
-        repeated = (outliers[None, None, :] == found[:, :, None]).any(1)
-        scores[candidates < 0] = float("-inf")
-        scores[:, found.shape[1]:][repeated] = float("-inf")
-        best = scores.topk(found.shape[1], dim=1)
-        ids[b, j] = candidates.gather(1, best.indices).masked_fill(best.values == float("-inf"), -1)
+    def export_state(self) -> tuple[dict, dict]:
+        """Per head: a CPU copy of its index (named `head<h>.faiss`), and the L2-reduction bound and
+        IVF outliers ({"radius": training radius or None, "ids": ids searched exactly}) as metadata.
+        A store holds one row."""
+        if not len(self.entries) or not self._rows:
+            return {}, {}
+        if len(self._rows) != 1:
+            raise ValueError(f"a store holds one memory row, this memory has {len(self._rows)}")
+        indexes = {f"head{h}.faiss": _to_cpu(index) for h, index in enumerate(self._rows[0])}
+        outliers = [{"radius": radius, "ids": ids.tolist()} for radius, ids in zip(self._radii[0], self._outliers[0])]
+        return indexes, {"l2_bounds": list(self._bounds[0]), "ivf_outliers": outliers}
 
-    def export_indexes(self) -> tuple[list[list[faiss.Index]], list[list[float | None]], list[list[dict]]]:
-        """For persistence, [row][head]: CPU copies of the indexes, the L2-reduction bounds, and the
-        outliers ({"radius": training radius or None, "ids": ids searched exactly})."""
-        rows = [[_to_cpu(index) for index in row] for row in self._rows]
-        outliers = [[{"radius": radius, "ids": ids.tolist()} for radius, ids in zip(radii, row)]
-                    for radii, row in zip(self._radii, self._outliers)]
-        return rows, [list(bounds) for bounds in self._bounds], outliers
+    def import_state(self, load: Callable[[], tuple[dict, dict]]) -> None:
+        """Adopt indexes built over the entries of the entry store (one row), as `load()` returns them on first
+        search: a store opens without reading them. Stores written before outliers were tracked track none."""
+        self._pending = lambda: _unpack_state(*load(), self.entries.num_heads)
 
-    def import_indexes(self, rows: list[list[faiss.Index]], bounds: list[list[float | None]],
-                       outliers: list[list[dict]] | None = None) -> None:
-        """Adopt indexes built over the entries of `self.buffer` (as `export_indexes` returned them);
-        without `outliers` (stores written before they were tracked), none are tracked."""
-        device = self.buffer.keys.device
+    def _adopt(self, rows, bounds, outliers) -> None:
+        device = self.entries.device
         self._rows = [[_on_device(index, device) for index in row] for row in rows]
         self._bounds = [list(b) for b in bounds]
-        outliers = outliers or [[{"radius": None, "ids": []} for _ in row] for row in rows]
         self._radii = [[head["radius"] for head in row] for row in outliers]
         self._outliers = [[np.asarray(head["ids"], dtype=np.int64) for head in row] for row in outliers]
         for row in self._rows:
             for index in row:
-                _apply_params(faiss.downcast_index(index.index), self.search_params)
-
-    def import_indexes_lazily(self, load: Callable[[], tuple]) -> None:
-        """As `import_indexes` with what `load()` returns, called on first use: a store opens without reading them."""
-        self._pending = load
+                _apply_params(faiss.downcast_index(index.index), self._search_params)
 
     def reorder_rows(self, index: torch.Tensor) -> None:
-        self.buffer.reorder_rows(index)
         self._rows = [_clone_row(self._rows[i]) for i in index.tolist()]
         self._bounds = [list(self._bounds[i]) for i in index.tolist()]
         self._radii = [list(self._radii[i]) for i in index.tolist()]
         self._outliers = [list(self._outliers[i]) for i in index.tolist()]
+
+
+def _unpack_state(indexes: dict, metadata: dict, heads: int) -> tuple[list, list, list]:
+    """`export_state`'s (indexes, metadata) of one row as [row][head] lists."""
+    row = [indexes[f"head{h}.faiss"] for h in range(heads)]
+    outliers = metadata.get("ivf_outliers") or [{"radius": None, "ids": []} for _ in range(heads)]
+    return [row], [list(metadata["l2_bounds"])], [outliers]
+
+
+def _repeats(ids: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., n) True where an id among the last n - k (outliers, distinct) repeats one of the first k."""
+    repeated = (ids[..., k:, None] == ids[..., None, :k]).any(-1)  # (..., n - k)
+    return torch.cat([torch.zeros_like(ids[..., :k], dtype=torch.bool), repeated], dim=-1)
+
+
+def _expand(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-row flags (B,) broadcast against `like` (B, ...)."""
+    return rows.view(-1, *([1] * (like.dim() - 1)))
 
 
 _GPU_RESOURCES = None

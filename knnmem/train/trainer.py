@@ -26,12 +26,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import LongLlamaConfig
-from .memory import Memory
-from .modeling import LongLlamaForCausalLM, pick_device
-from .passkey import run_passkey
+from ..eval.passkey import run_passkey
+from ..ingest.stdlib import stdlib_texts
+from ..memory import CrossBatchMemory, Memory
+from ..model import LongLlamaConfig, LongLlamaForCausalLM, pick_device, read_checkpoint_config
+from ..plotting import pyplot
+from .data import LOCAL_ANSWER, MEMORY_ANSWER, TrainingData
 from .synthetic import TEMPLATES
-from .training_data import LOCAL_ANSWER, MEMORY_ANSWER, TrainingData, stdlib_texts
 
 
 RUNTIME_FIELDS = ("device", "threads", "data_workers")
@@ -112,7 +113,7 @@ class TrainConfig:
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def tokenizer_texts(config: TrainConfig, real: str) -> list[str]:
+def tokenizer_texts(real: str) -> list[str]:
     """What the tokenizer is trained on: real text plus the synthetic templates' words and digits."""
     from .synthetic import ATTRIBUTES, SYLLABLES, WORDS
 
@@ -128,20 +129,7 @@ def build_model(config: TrainConfig, vocab_size: int) -> LongLlamaForCausalLM:
                          max_position_embeddings=config.window, last_context_length=config.window // 2,
                          torch_attention=True)
     if config.init_from:
-        from transformers import AutoConfig
-
-        base = AutoConfig.from_pretrained(config.init_from).to_dict()
-        head_dim = base.pop("head_dim", None)
-        if head_dim is not None and head_dim * base["num_attention_heads"] != base["hidden_size"]:
-            raise ValueError(f"{config.init_from}: head_dim {head_dim} is not hidden_size / num_attention_heads, "
-                             "which LongLLaMA requires")
-        rope = base.pop("rope_parameters", None) or {}
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"{config.init_from}: rope type {rope['rope_type']!r} is not supported; LongLLaMA "
-                             "uses plain rotary embeddings")
-        base.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
-        fields = {k: v for k, v in base.items() if k not in ("model_type", "architectures", "auto_map")}
-        model_config = LongLlamaConfig(**{**fields, **memory_fields})
+        model_config = read_checkpoint_config(config.init_from, **memory_fields)
         return LongLlamaForCausalLM.from_pretrained(config.init_from, config=model_config, dtype=torch.float32)
     model_config = LongLlamaConfig(
         vocab_size=vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
@@ -206,7 +194,7 @@ class Trainer:
             return AutoTokenizer.from_pretrained(self.config.init_from)
         if (path / "tokenizer.json").exists():
             return AutoTokenizer.from_pretrained(str(path))
-        return train_tokenizer(tokenizer_texts(self.config, real), path, vocab_size=self.config.vocab_size)
+        return train_tokenizer(tokenizer_texts(real), path, vocab_size=self.config.vocab_size)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -258,9 +246,9 @@ class Trainer:
         ids, answers = batch.input_ids.to(self.device), batch.answers.to(self.device)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.dtype == "bfloat16")
         with autocast:
-            logits = self.model(input_ids=ids, use_cache=False,
-                                cross_batch_range=self.config.cross_batch_range if cross_batch_range is None
-                                else cross_batch_range, cross_batch_top_k=self.config.memory_top_k or None).logits
+            distance = self.config.cross_batch_range if cross_batch_range is None else cross_batch_range
+            memory = CrossBatchMemory(distance, self.config.memory_top_k or None)
+            logits = self.model(input_ids=ids, use_cache=False, memory=memory).logits
         losses = torch.nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none"
         )
@@ -365,11 +353,7 @@ def train(config: TrainConfig, out_dir: str | Path) -> LongLlamaForCausalLM:
 
 def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> None:
     """Loss curves (training, held-out) and answer accuracy (in the window, through memory, no memory)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
 

@@ -2,7 +2,7 @@
 
 The embedded corpus (`knnmem/demo_data/`) is real text, held-out Python standard-library modules
 that the shipped model never trained on, with facts stated at random depths; each question's answer
-is one of those facts. `make_demo_corpus` regenerates it from a seed.
+is one of those facts.
 """
 
 from __future__ import annotations
@@ -11,44 +11,13 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .synthetic import ATTRIBUTES, TEMPLATES, entity, value
+from ..ingest import index_corpus
+from ..memory import Memory
+from .compare import compare_memories, markdown_table
 
 DATA = Path(__file__).parent / "demo_data"
-
-
-def make_demo_corpus(out_dir: str | Path = DATA, *, documents: int = 12, facts_per_document: int = 3,
-                     seed: int = 0) -> None:
-    """Write `corpus.jsonl` (documents with facts inserted between lines) and `questions.jsonl`."""
-    from .training_data import stdlib_texts
-
-    rng = np.random.default_rng(seed)
-    sources = stdlib_texts("heldout")
-    chosen = rng.choice(len(sources), size=min(documents, len(sources)), replace=False)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    corpus, questions = [], []
-    for doc_index in sorted(chosen):
-        name, text = sources[doc_index]
-        lines = text[:20_000].splitlines(keepends=True)
-        inserts = {}
-        named = [i for i, (statement, _) in enumerate(TEMPLATES) if "{e}" in statement]  # unambiguous facts
-        for _ in range(facts_per_document):
-            template = int(rng.choice(named))
-            subject, attr, val = entity(rng), str(rng.choice(ATTRIBUTES)), value(rng)
-            statement, question = TEMPLATES[template]
-            line = int(rng.integers(len(lines) + 1))
-            inserts.setdefault(line, []).append(statement.format(a=attr, e=subject, v=val) + "\n")
-            questions.append({"question": question.format(a=attr, e=subject), "answer": val, "document": name,
-                              "depth": round(line / max(len(lines), 1), 2)})
-        body = "".join("".join(inserts.get(i, [])) + line for i, line in enumerate(lines + [""]))
-        corpus.append({"name": name, "text": body})
-    with open(out_dir / "corpus.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(d) + "\n" for d in corpus)
-    with open(out_dir / "questions.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(q) + "\n" for q in questions)
 
 
 def matches(generated: str, expected: str) -> bool:
@@ -73,9 +42,6 @@ def answer_tokens_predicted(model, tokenizer, question: str, answer: str, memory
 def run_demo(model, tokenizer, store_dir: str | Path, *, index: str, k: int, compare_specs: list[str]) -> None:
     """Index the embedded corpus into `store_dir` with `model`, reload it, answer its questions, compare with
     exact memory."""
-    from .compare import compare_memories, markdown_table
-    from .memory import Memory, index_corpus
-
     questions = [json.loads(line) for line in (DATA / "questions.jsonl").read_text().splitlines()]
 
     corpus = DATA / "corpus.jsonl"
@@ -84,9 +50,8 @@ def run_demo(model, tokenizer, store_dir: str | Path, *, index: str, k: int, com
     started = time.perf_counter()
     built = index_corpus(model, tokenizer, [corpus], path=store_dir, index=index, k=k)
     print(f"   {len(built.documents)} documents, {len(built):,} tokens, {time.perf_counter() - started:.0f} s")
-    train_size = getattr(built.layer(built.layers[0]), "train_size", 0)
-    if train_size > len(built):
-        print(f"   {index} trains once a memory holds {train_size:,} entries: until then it is searched exactly")
+    if built.train_size > len(built):
+        print(f"   {index} trains once a memory holds {built.train_size:,} entries: until then it is searched exactly")
     print()
 
     started = time.perf_counter()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from transformers import PretrainedConfig
 
+from .positions import POSITION_SCHEMES
+
 MEM_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -25,6 +27,9 @@ class LongLlamaConfig(PretrainedConfig):
             the score matrix, never changes results.
         torch_attention: use `torch.nn.functional.scaled_dot_product_attention`; never changes results.
         gradient_checkpoint_every_ith: with gradient checkpointing on, checkpoint every i-th layer only.
+        mem_position_scheme: how memory keys are position-encoded for scoring (see `positions.py`).
+        num_key_value_heads, head_dim, attention_bias, mlp_bias: LLaMA's grouped-query attention
+            (memory holds one index per key/value head), explicit head size and projection biases.
     """
 
     model_type = "longllama"
@@ -35,6 +40,10 @@ class LongLlamaConfig(PretrainedConfig):
     intermediate_size: int = 11008
     num_hidden_layers: int = 32
     num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
     hidden_act: str = "silu"
     max_position_embeddings: int = 2048
     initializer_range: float = 0.02
@@ -53,8 +62,18 @@ class LongLlamaConfig(PretrainedConfig):
     mem_attention_grouping: list[int] | tuple[int, ...] | None = None
     torch_attention: bool = False
     gradient_checkpoint_every_ith: int = 1
+    mem_position_scheme: str = "longllama"
 
     def __post_init__(self, **kwargs):
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads != 0:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                    f"({self.num_attention_heads}), or head_dim given"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
         super().__post_init__(**kwargs)
         self.validate_memory()
 
@@ -71,15 +90,16 @@ class LongLlamaConfig(PretrainedConfig):
                 f"rope_scaling={self.rope_scaling!r} is not supported: LongLLaMA uses plain rotary embeddings; "
                 "remove rope_scaling from the config (or set it to None)"
             )
-        if self.hidden_size % self.num_attention_heads != 0:
+        if self.num_key_value_heads < 1 or self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                f"({self.num_attention_heads})"
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
+                f"({self.num_key_value_heads})"
             )
-        if (self.hidden_size // self.num_attention_heads) % 2 != 0:
-            raise ValueError(
-                f"head dimension {self.hidden_size // self.num_attention_heads} must be even for rotary embeddings"
-            )
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.mem_position_scheme not in POSITION_SCHEMES:
+            raise ValueError(f"mem_position_scheme {self.mem_position_scheme!r} is unknown: use one of "
+                             f"{sorted(POSITION_SCHEMES)}")
         bad = [i for i in self.mem_layers if not 0 <= i < self.num_hidden_layers]
         if bad:
             raise ValueError(
@@ -100,10 +120,6 @@ class LongLlamaConfig(PretrainedConfig):
             )
         if self.gradient_checkpoint_every_ith < 1:
             raise ValueError(f"gradient_checkpoint_every_ith must be >= 1, got {self.gradient_checkpoint_every_ith}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
     @property
     def memory_dtype(self) -> torch.dtype:

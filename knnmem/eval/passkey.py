@@ -17,6 +17,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..memory import Memory
+from ..plotting import pyplot
+
 TASK = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
     "I will quiz you about the important information there."
@@ -98,14 +101,11 @@ class PasskeyResult:
 def passkey_sweep(model, tokenizer, lengths: list[int], *, index: str, k: int, exact_up_to: int, trials: int,
                   seed: int = 0) -> list[PasskeyResult]:
     """Pass-key accuracy per length with dense memory (lengths up to `exact_up_to`) and with `index`."""
-    from .memory import Memory
-
     results = []
     for length in lengths:
         for spec in (["dense"] if length <= exact_up_to else []) + [index]:
-            options = {} if spec == "dense" else {"k": k}
             done = run_passkey(model, tokenizer, length, trials=trials, seed=seed,
-                               memory_factory=lambda: Memory.create(model, index=spec, **options))
+                               memory_factory=lambda: Memory.create(model, index=spec, k=k))
             results.append(PasskeyResult.of(length, spec, done))
     return results
 
@@ -164,10 +164,7 @@ def passkey_misses(results: list[PasskeyResult]) -> list[str]:
 
 
 def plot_passkey(results: list[PasskeyResult], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for spec in dict.fromkeys(r.memory for r in results):

@@ -8,20 +8,20 @@ memory layers' keys and values are written to the `Memory`, an explicit step of 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoTokenizer, GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.generation.stopping_criteria import MaxLengthCriteria
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .attention import CrossBatch, apply_rotary, attend, cross_batch_hits, local_mask, relative_positions
+from ..memory.manager import Memory
+from .attention import apply_rotary, attend, group_queries, local_mask, relative_positions, ungroup_queries
 from .cache import LongLlamaCache
 from .config import LongLlamaConfig, check_last_context_length
-from .memory import Memory
+from .adapters import read_checkpoint_config
+from .positions import POSITION_SCHEMES
 
 KeyValue = tuple[torch.Tensor, torch.Tensor]
 
@@ -41,9 +41,10 @@ class LongLlamaRMSNorm(nn.Module):
 class LongLlamaMLP(nn.Module):
     def __init__(self, config: LongLlamaConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        bias = config.mlp_bias
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,30 +54,35 @@ class LongLlamaMLP(nn.Module):
 class LongLlamaAttention(nn.Module):
     """Projects, applies rotary embeddings relative to the local span, and dispatches to `attend`.
 
-    A memory layer also reads `memory` (never writes it: the window loop does) and, with
-    `mem_positionals=False`, uses no rotary embeddings at all. In training, a memory layer attends
-    instead to the previous `cross_batch` rows of the batch (FoT's cross-batch attention).
+    A memory layer also reads `memory` (never writes it: the window loop does), scoring it with the
+    queries its position scheme gives, and with `mem_positionals=False` uses no rotary embeddings at
+    all. With grouped-query attention, the query heads of a key/value head read it as one block.
     """
 
     def __init__(self, config: LongLlamaConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.num_kv_heads = config.num_key_value_heads
         self.is_memory_layer = layer_idx in config.mem_layers
         self.use_rotary = config.mem_positionals or not self.is_memory_layer
         self.rope_theta = config.rope_theta
+        self.memory_queries = POSITION_SCHEMES[config.mem_position_scheme]
         # Grouping bounds the (heads x queries x memory) score matrix in memory layers.
         self.grouping = config.mem_attention_grouping if self.is_memory_layer else None
         self.use_sdpa = config.torch_attention
-        width = self.num_heads * self.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, width, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, width, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, width, bias=False)
-        self.o_proj = nn.Linear(width, config.hidden_size, bias=False)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+    def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         batch, length, _ = x.shape
-        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        return x.view(batch, length, heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+
+    def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return apply_rotary(x, positions, self.rope_theta)
 
     def forward(
         self,
@@ -85,49 +91,55 @@ class LongLlamaAttention(nn.Module):
         valid: torch.Tensor,
         past: tuple[torch.Tensor, ...] | None,
         memory: Memory | None,
-        cross_batch: CrossBatch | None = None,
     ) -> tuple[torch.Tensor, KeyValue]:
-        q, k, v = self._heads(self.q_proj(hidden)), self._heads(self.k_proj(hidden)), self._heads(self.v_proj(hidden))
+        q = self._heads(self.q_proj(hidden), self.num_heads)  # (B, H, T, D)
+        k, v = self._heads(self.k_proj(hidden), self.num_kv_heads), self._heads(self.v_proj(hidden), self.num_kv_heads)
         num_queries = q.shape[2]
         keys, values, span_positions, span_valid = k, v, positions, valid
         if past is not None:
             past_k, past_v, past_positions, past_valid = past
-            keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, H, S, D)
+            keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, Hkv, S, D)
             span_positions = torch.cat([past_positions, positions], dim=1)  # (B, S)
             span_valid = torch.cat([past_valid, valid], dim=1)
+        raw_q = q
         if self.use_rotary:
             rel = relative_positions(span_positions)
-            q = apply_rotary(q, rel[:, -num_queries:], self.rope_theta)
-            keys = apply_rotary(keys, rel, self.rope_theta)
-        mask = local_mask(span_valid, num_queries)  # (B, 1, T, S)
-
-        if self.is_memory_layer and cross_batch is not None and cross_batch.distance:
-            hits = cross_batch_hits(k, v, valid, cross_batch.distance)
-            out = attend(q, keys, values, mask, hits, top_k=cross_batch.top_k, use_sdpa=self.use_sdpa)
-        elif not self.is_memory_layer or memory is None or not len(memory):
-            out = attend(q, keys, values, mask, use_sdpa=self.use_sdpa)
+            q = self._rotate(q, rel[:, -num_queries:])
+            keys = self._rotate(keys, rel)
+        groups = self.num_heads // self.num_kv_heads
+        mask = local_mask(span_valid, num_queries).repeat(1, 1, groups, 1)  # (B, 1, G*T, S)
+        if self.is_memory_layer and memory is not None:
+            mem_q = self.memory_queries(raw_q, q, self._rotate) if self.use_rotary else q
+            out = self._attend_with_memory(q, mem_q, keys, values, mask, memory, (k, v, valid))
         else:
-            out = self._attend_with_memory(q, keys, values, mask, memory)
+            out = attend(group_queries(q, self.num_kv_heads), keys, values, mask, use_sdpa=self.use_sdpa)
         batch = hidden.shape[0]
+        out = ungroup_queries(out, self.num_heads)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(batch, num_queries, self.num_heads * self.head_dim)
         # Raw k, v are what memory and cache store: rotation by position 0 is the identity.
         return self.o_proj(out), (k, v)
 
-    def _attend_with_memory(self, q, keys, values, mask, memory: Memory) -> torch.Tensor:
-        group_heads, group_queries = self.grouping or (self.num_heads, q.shape[2])
+    def _attend_with_memory(self, q, mem_q, keys, values, mask, memory: Memory, window) -> torch.Tensor:
+        """Attention in blocks of (key/value heads, queries) of `mem_attention_grouping`; each block searches
+        memory once, with the queries of all its query heads. Returns (B, Hkv, G*T, D)."""
+        groups, length = self.num_heads // self.num_kv_heads, q.shape[2]
+        group_heads, group_queries_ = self.grouping or (self.num_heads, length)
+        kv_block = max(1, group_heads // groups)
+        split = lambda x: x.unflatten(1, (self.num_kv_heads, groups))  # noqa: E731  (B, Hkv, G, T, D)
+        q5, mem_q5, mask5 = split(q), split(mem_q), mask.view(mask.shape[0], 1, groups, length, -1)
         rows = []
-        for h0 in range(0, self.num_heads, group_heads):
-            heads = slice(h0, min(h0 + group_heads, self.num_heads))
+        for h0 in range(0, self.num_kv_heads, kv_block):
+            heads = slice(h0, min(h0 + kv_block, self.num_kv_heads))
             cols = []
-            for t0 in range(0, q.shape[2], group_queries):
-                queries = slice(t0, t0 + group_queries)
-                q_block = q[:, heads, queries]
-                hits = memory.search(self.layer_idx, q_block, heads)
-                cols.append(
-                    attend(q_block, keys[:, heads], values[:, heads], mask[:, :, queries], hits, use_sdpa=self.use_sdpa)
-                )
-            rows.append(torch.cat(cols, dim=2))
-        return torch.cat(rows, dim=1)  # (B, H, T, D)
+            for t0 in range(0, length, group_queries_):
+                block = slice(t0, t0 + group_queries_)
+                flat = lambda x: x[:, heads, :, block].flatten(2, 3)  # noqa: E731  (B, h, G*t, D)
+                hits = memory.search(self.layer_idx, flat(mem_q5), heads, window=window)
+                out = attend(flat(q5), keys[:, heads], values[:, heads], mask5[:, :, :, block].flatten(2, 3), hits,
+                             use_sdpa=self.use_sdpa)
+                cols.append(out.unflatten(2, (groups, -1)))  # (B, h, G, t, D)
+            rows.append(torch.cat(cols, dim=3))
+        return torch.cat(rows, dim=1).flatten(2, 3)  # (B, Hkv, G*T, D)
 
 
 class LongLlamaDecoderLayer(nn.Module):
@@ -138,8 +150,8 @@ class LongLlamaDecoderLayer(nn.Module):
         self.input_layernorm = LongLlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = LongLlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden, positions, valid, past, memory, cross_batch=None) -> tuple[torch.Tensor, KeyValue]:
-        attn_out, new_kv = self.self_attn(self.input_layernorm(hidden), positions, valid, past, memory, cross_batch)
+    def forward(self, hidden, positions, valid, past, memory) -> tuple[torch.Tensor, KeyValue]:
+        attn_out, new_kv = self.self_attn(self.input_layernorm(hidden), positions, valid, past, memory)
         hidden = hidden + attn_out
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
         return hidden, new_kv
@@ -160,16 +172,23 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
         super().__init__(config, *args, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained` that refuses checkpoints whose tensors do not match the config.
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
+        """`PreTrainedModel.from_pretrained` for every checkpoint family of `adapters.FAMILIES`.
+
+        Keyword arguments naming config fields (`mem_layers`, `mem_dtype`, ...) override the saved config.
 
         Raises:
-            ValueError: naming the missing, unexpected or wrongly shaped tensors.
+            ValueError: the config cannot be run (named), or tensors are missing, unexpected or wrongly shaped.
         """
+        if config is None:
+            fields = set(LongLlamaConfig.__annotations__)
+            overrides = {name: kwargs.pop(name) for name in list(kwargs) if name in fields}
+            config = read_checkpoint_config(pretrained_model_name_or_path, **overrides)
         return_info = kwargs.pop("output_loading_info", False)
         # Mismatched shapes are collected (not raised by transformers) so the error below can name them.
         kwargs.setdefault("ignore_mismatched_sizes", True)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, config=config,
+                                              output_loading_info=True, **kwargs)
         mismatched = [f"{name} {tuple(ckpt)} in the checkpoint, {tuple(cfg)} in the config"
                       for name, ckpt, cfg in sorted(info.get("mismatched_keys") or ())]
         problems = [
@@ -215,8 +234,6 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         use_cache: bool | None = None,
         memory: Memory | None = None,
         last_context_length: int | None = None,
-        cross_batch_range: int | None = None,
-        cross_batch_top_k: int | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """Run an input of any length.
@@ -227,12 +244,9 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             position_ids: (B, L) absolute positions; by default they continue from the cache.
             cache: a `LongLlamaCache` from an earlier call (generation; `past_key_values` is an alias).
             use_cache: keep the last tokens in a local cache and return it (default: `config.use_cache`).
-            memory: the `Memory` to read and write; by default the cache's, else a new dense one.
+            memory: the `Memory` to read and write (a `CrossBatchMemory` in FoT training); by default the
+                cache's, else a new dense one.
             last_context_length: tokens at the end kept out of memory (default: the config's).
-            cross_batch_range: training mode of FoT: one window per row, no cache and no memory; memory
-                layers attend to the previous `cross_batch_range` rows of the batch instead (0: none).
-            cross_batch_top_k: with `cross_batch_range`, each query of a memory layer attends to only
-                this many of those rows' entries, the highest-scoring ones (None: all of them).
         """
         cache = _cache_argument(cache, kwargs)
         _reject_unsupported(kwargs)
@@ -254,21 +268,10 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         valid = _padding_flags(attention_mask, batch, length, cache, embeds.device)
         positions = _positions(position_ids, batch, length, cache, embeds.device)
         window = config.max_position_embeddings
-        if cross_batch_range is not None:
-            if cache is not None or memory is not None or length > window or cross_batch_range < 0:
-                raise ValueError(
-                    "cross_batch_range (training) needs inputs of at most one window "
-                    f"({window} tokens, got {length}), no cache, no memory, and a range >= 0"
-                )
-            if cross_batch_top_k is not None and cross_batch_top_k < 1:
-                raise ValueError(f"cross_batch_top_k must be at least 1 (or None), got {cross_batch_top_k}")
-            cross_batch = CrossBatch(cross_batch_range, cross_batch_top_k)
-            hidden, _ = self._forward_chunk(embeds, positions, valid, None, None, cross_batch)
-            return BaseModelOutputWithPast(last_hidden_state=hidden)
-        if cross_batch_top_k is not None:
-            raise ValueError("cross_batch_top_k applies to cross-batch training only; give cross_batch_range too")
-        memory = _resolve_memory(memory, cache, config)
-        memory.check_batch(batch)
+        memory = _resolve_memory(memory, cache)
+        if memory is None:
+            memory = Memory.create(config)  # memory/'s default: dense, in RAM
+        memory.check_input(config, batch=batch, length=length, use_cache=use_cache)
         if use_cache and cache is None:
             cache = LongLlamaCache(memory, config.num_hidden_layers)
 
@@ -296,16 +299,16 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             last_hidden_state=torch.cat(hidden_out, dim=1), cache=cache if use_cache else None
         )
 
-    def _forward_chunk(self, embeds, positions, valid, cache, memory, cross_batch=None) -> tuple[torch.Tensor, list[KeyValue]]:
+    def _forward_chunk(self, embeds, positions, valid, cache, memory) -> tuple[torch.Tensor, list[KeyValue]]:
         """One chunk through every layer; returns final hidden states and each layer's new (k, v)."""
         hidden, new_kv = embeds, []
         every = self.config.gradient_checkpoint_every_ith
         for idx, layer in enumerate(self.layers):
             past = cache.layer(idx) if cache is not None else None
             if self.gradient_checkpointing and self.training and idx % every == 0:
-                hidden, kv = checkpoint(layer, hidden, positions, valid, past, memory, cross_batch, use_reentrant=False)
+                hidden, kv = checkpoint(layer, hidden, positions, valid, past, memory, use_reentrant=False)
             else:
-                hidden, kv = layer(hidden, positions, valid, past, memory, cross_batch)
+                hidden, kv = layer(hidden, positions, valid, past, memory)
             new_kv.append(kv)
         return self.norm(hidden), new_kv
 
@@ -317,6 +320,8 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
 
 class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
     """LongLLaMA with its language-modelling head; `generate` keeps one memory across all steps."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # used when tie_word_embeddings
 
     def __init__(self, config: LongLlamaConfig):
         super().__init__(config)
@@ -360,8 +365,6 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         memory: Memory | None = None,
         last_context_length: int | None = None,
-        cross_batch_range: int | None = None,
-        cross_batch_top_k: int | None = None,
         logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
@@ -376,8 +379,6 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             memory=memory,
             last_context_length=last_context_length,
-            cross_batch_range=cross_batch_range,
-            cross_batch_top_k=cross_batch_top_k,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -411,16 +412,16 @@ def _reject_unsupported(kwargs: dict) -> None:
         raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
 
 
-def _resolve_memory(memory: Memory | None, cache: LongLlamaCache | None, config: LongLlamaConfig) -> Memory:
+def _resolve_memory(memory, cache: LongLlamaCache | None):
+    """The memory to read and write: the cache's in generation, else the one given, else the default (dense)."""
     if cache is not None:
         if memory is not None and memory is not cache.memory:
             raise ValueError("memory differs from the memory of the cache; pass the same Memory on every step")
         return cache.memory
     if memory is None:
-        return Memory.create(config)
-    if not isinstance(memory, Memory):
-        raise TypeError(f"memory must be a knnmem.Memory, got {type(memory).__name__}")
-    memory.check_compatible(config)
+        return None  # the caller builds the default, which needs the config
+    if not callable(getattr(memory, "search", None)) or not callable(getattr(memory, "check_input", None)):
+        raise TypeError(f"memory must be a knnmem.Memory (or CrossBatchMemory), got {type(memory).__name__}")
     return memory
 
 
@@ -448,32 +449,3 @@ def _positions(position_ids, batch: int, length: int, cache: LongLlamaCache | No
     if position_ids.dim() != 2 or position_ids.shape[-1] != length or position_ids.shape[0] not in (1, batch):
         raise ValueError(f"position_ids must have shape ({batch}, {length}), got {tuple(position_ids.shape)}")
     return position_ids.to(device).long().expand(batch, length)
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """The torch device called `name` ("cpu", "cuda", "cuda:1", ...); "auto" is CUDA where available, else the CPU.
-
-    Raises `ValueError` for a name torch does not know or a CUDA device this machine does not have.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise ValueError(f"device {name!r} is not available: this machine has {torch.cuda.device_count()} CUDA devices")
-    return device
-
-
-def load_pretrained(path: str | Path, device: str = "auto", **overrides) -> tuple[LongLlamaForCausalLM, object]:
-    """The model saved in directory `path`, in eval mode on `device` (see `pick_device`), and its tokenizer.
-
-    `overrides` replace fields of the saved config, e.g. `mem_layers=[]` for the same weights without
-    memory layers. Raises `FileNotFoundError` when `path` holds no `config.json`.
-    """
-    if not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
-    target = pick_device(device)
-    model = LongLlamaForCausalLM.from_pretrained(path, **overrides).eval().to(target)
-    return model, AutoTokenizer.from_pretrained(path)

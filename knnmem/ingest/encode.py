@@ -1,4 +1,4 @@
-"""Encoding documents into one memory.
+"""Encoding documents into one memory, and building a store from a corpus.
 
 Each document is run through the model on its own, seeing only its own earlier windows as memory
 (as FoT models are trained to ignore unrelated memory); its keys and values are then appended to
@@ -8,27 +8,19 @@ any stored entry.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, NamedTuple, Sequence
+from pathlib import Path
+from typing import Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-if TYPE_CHECKING:
-    from .memory import Memory
-
-
-class Document(NamedTuple):
-    """A document whose entries are ids `start..end-1` of a single-row memory."""
-
-    id: int
-    name: str
-    start: int
-    end: int
+from ..memory.manager import Document, Memory
+from .corpus import read_corpus
 
 
 @torch.no_grad()
 def encode_documents(
-    model, documents: Iterable[Sequence[int]], memory: "Memory", *, names: Sequence[str] | None = None,
+    model, documents: Iterable[Sequence[int]], memory: Memory, *, names: Sequence[str] | None = None,
     progress: bool = True,
 ) -> list[Document]:
     """Append every document's memory entries to `memory` (one batch row), with their provenance.
@@ -59,8 +51,8 @@ def encode_documents(
         model(input_ids=ids, memory=scratch, use_cache=False)
         start = len(memory)
         for layer in memory.layers:
-            buffer = scratch.layer(layer).buffer
-            memory.add(layer, buffer.keys, buffer.values, buffer.valid)
+            for keys, values, valid in scratch.entries(layer).chunks():
+                memory.add(layer, keys, values, valid)
         document = Document(len(memory.documents) + len(added), name, start, len(memory))
         added.append(document)
         provenance.append(torch.stack([torch.full((len(tokens),), document.id), torch.arange(len(tokens)),
@@ -71,3 +63,31 @@ def encode_documents(
     old = [memory.provenance] if memory.provenance is not None else []
     memory.provenance = torch.cat(old + provenance) if old or provenance else None
     return added
+
+
+def add_documents(memory: Memory, model, tokenizer, sources, *, progress: bool = True, **read_options) -> list[Document]:
+    """Read `sources` (see `read_corpus`), encode them into `memory` and, if it came from a writable store,
+    save it there."""
+    if memory.read_only:
+        raise ValueError(f"memory loaded read-only from {memory.path}; load it with writable=True to add documents")
+    texts = read_corpus(sources, **read_options)
+    tokens = [tokenizer(d.text, add_special_tokens=False)["input_ids"] for d in texts]
+    added = encode_documents(model, tokens, memory, names=[d.name for d in texts], progress=progress)
+    if memory.path is not None:
+        memory.save(memory.path)
+    return added
+
+
+def index_corpus(
+    model, tokenizer, sources, *, path: str | Path, index: str = "dense", progress: bool = True,
+    include: str = "*.txt", text_field: str = "text", **options,
+) -> Memory:
+    """Encode a corpus (files, folders, JSONL) into a memory under `index` and save it as a store at `path`.
+
+    Documents are encoded independently (see `encode_documents`); `options` are those of `Memory`.
+    """
+    memory = Memory.create(model, index=index, **options)
+    add_documents(memory, model, tokenizer, sources, progress=progress, include=include, text_field=text_field)
+    memory.save(path)
+    memory.path = Path(path)
+    return memory

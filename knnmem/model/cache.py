@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .memory import Memory
+from ..memory.manager import Memory
 
 
 class LongLlamaCache:

@@ -36,7 +36,8 @@ MANIFEST = "manifest.json"
 _ALWAYS_HASHED = ("valid.bin", "provenance.bin")
 _FINGERPRINT_FIELDS = (
     "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "mem_layers",
-    "mem_positionals", "rope_theta", "max_position_embeddings",
+    "mem_positionals", "rope_theta", "max_position_embeddings", "num_key_value_heads", "head_dim",
+    "mem_position_scheme",
 )
 
 
@@ -67,7 +68,7 @@ def write_store(path: str | Path, *, manifest: dict, arrays: dict[str, torch.Ten
         faiss.write_index(index, str(data / name))
         files[name] = _file_record(data / name)
     _fsync_dir(data)
-    from . import __version__
+    from .. import __version__
 
     manifest = {"format_version": FORMAT_VERSION, "knnmem_version": __version__, **manifest,
                 "generation": generation, "files": files}
@@ -179,6 +180,8 @@ class DeferredIndex:
 
     def read(self, *, mmap: bool = False) -> faiss.Index:
         """The index; with `mmap`, its large arrays are mapped read-only instead of read."""
+        if self._handle.closed:
+            raise StoreError(f"{self.file}: already read or closed")
         by_handle = Path(f"/proc/self/fd/{self._handle.fileno()}")
         try:
             return faiss.read_index(str(by_handle if by_handle.exists() else self.file),
@@ -186,7 +189,16 @@ class DeferredIndex:
         except RuntimeError as error:
             raise StoreError(f"{self.file}: cannot be read by Faiss ({str(error).strip().splitlines()[-1]})") from None
         finally:
-            self._handle.close()
+            self.close()
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> "DeferredIndex":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _fsync(file: Path) -> None:

@@ -1,0 +1,1 @@
+"""Measuring memory: pass keys, exact-against-approximate comparisons, retrieval quality, explanations, the demo."""

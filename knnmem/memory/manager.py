@@ -1,0 +1,326 @@
+"""The memory of a LongLLaMA model: per memory layer, an entry store and the backend that indexes it.
+
+The model writes to it explicitly in its window loop (`add`) and reads it inside attention
+(`search`). The index spec picks the backend (see `backends.py`): `"dense"` (LongLLaMA's exact
+attention to every entry), `"torch"` (exact top-k by blocked matmul), or any Faiss factory string
+(approximate top-k). Persistence lives in `knnmem.store`; `load` and `save` here call it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
+
+import torch
+
+from .backends import BACKENDS, make_backend
+from .entries import EntryStore
+from .protocol import LayerMemory, MemoryHits
+
+if TYPE_CHECKING:
+    from ..model.config import LongLlamaConfig
+
+DEFAULT_K = 128
+# For stores and the command line: exact search until a row holds 39,936 entries, then IVF with the
+# L2 reduction probing 32 of 1,024 lists (recall@128 0.95-0.97 from 64k to 1M tokens; see the README).
+DEFAULT_INDEX = "IVF1024,Flat"
+
+# Called after every search with (layer, queries, heads, hits): how retrieval is measured or explained.
+SearchObserver = Callable[[int, torch.Tensor, slice, MemoryHits], None]
+
+
+class Document(NamedTuple):
+    """A document whose entries are ids `start..end-1` of a single-row memory."""
+
+    id: int
+    name: str
+    start: int
+    end: int
+
+
+class Memory:
+    """The memory of every memory layer of a model, for every batch row.
+
+    Create it with `Memory.create(model, index=...)`, pass it to `model(..., memory=memory)` or
+    `model.generate(..., memory=memory)`, and inspect it with `len(memory)` (entries per row). It holds
+    memory maps when loaded from a store: `close()` it, or use it as a context manager.
+
+    Args:
+        layers: indices of the memory layers.
+        num_heads, head_dim: key/value heads of those layers and their dimension.
+        dtype: dtype in which keys and values are stored.
+        index: `"dense"`, `"torch"` or a Faiss factory string (inner-product metric).
+        k: entries retrieved per query and head (top-k backends).
+        train_size: entries a row needs before IVF/PQ indexes are trained (default: 39 per centroid).
+        l2_reduction: index Faiss specs by the inner-product-to-L2 reduction (see `FaissMemory`; default:
+            on for `IVF...,Flat` specs only).
+        search_params: Faiss search parameters such as `efSearch=128` or `nprobe=64` (defaults: see
+            `FaissMemory`).
+    """
+
+    def __init__(
+        self,
+        *,
+        layers: Sequence[int],
+        num_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        index: str = "dense",
+        k: int = DEFAULT_K,
+        train_size: int | None = None,
+        l2_reduction: bool | None = None,
+        **search_params,
+    ):
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        self.layers = tuple(layers)
+        self.num_heads, self.head_dim, self.dtype, self.index = num_heads, head_dim, dtype, index
+        self._entries = {layer: EntryStore(num_heads=num_heads, head_dim=head_dim, codec=dtype) for layer in self.layers}
+        options = dict(train_size=train_size, l2_reduction=l2_reduction, search_params=search_params)
+        self._backends: dict[int, LayerMemory] = {
+            layer: make_backend(index, self._entries[layer], k=k, **options) for layer in self.layers
+        }
+        self._k = k
+        self.observers: list[SearchObserver] = []
+        self.documents: list[Document] = []  # corpus memories: which ids each document received
+        self.provenance: torch.Tensor | None = None  # (entries, 3): document id, position, token id
+        self.fingerprint: dict | None = None  # of the model whose keys/values these are (for saving)
+        self.path: Path | None = None  # the store this memory was loaded from
+        self.read_only = False  # loaded stores: additions go to an in-memory overlay
+        self.overlay: Memory | None = None
+        self._closers: list[Callable[[], None]] = []  # release what a loaded store holds open
+
+    @classmethod
+    def create(cls, model_or_config, *, index: str = "dense", **options) -> "Memory":
+        """An empty memory matching a LongLLaMA model (or its config); options as in `Memory`.
+
+        With no options this is the model's default memory: exact, dense and in RAM.
+        """
+        config: LongLlamaConfig = getattr(model_or_config, "config", model_or_config)
+        memory = cls(layers=config.mem_layers, num_heads=config.num_key_value_heads, head_dim=config.head_dim,
+                     dtype=config.memory_dtype, index=index, **options)
+        if model_or_config is not config:
+            from ..store.format import model_fingerprint
+
+            memory.fingerprint = model_fingerprint(model_or_config)
+        return memory
+
+    def empty_like(self, index: str | None = None, **options) -> "Memory":
+        """An empty memory of the same geometry and dtype (and spec and options unless `index` is given)."""
+        options = {"k": self.k, **(self.options() if index is None else {}), **options}
+        return Memory(layers=self.layers, num_heads=self.num_heads, head_dim=self.head_dim, dtype=self.dtype,
+                      index=self.index if index is None else index, **options)
+
+    @classmethod
+    def load(cls, path: str | Path, *, model, writable: bool = False, verify: bool = False) -> "Memory":
+        """Open the store at `path` for `model` (see `knnmem.store.load_memory`)."""
+        from ..store.persist import load_memory
+
+        return load_memory(path, model=model, writable=writable, verify=verify)
+
+    def save(self, path: str | Path | None = None, *, include_overlay: bool = False) -> None:
+        """Write this memory (one batch row) to a store directory (see `knnmem.store.save_memory`)."""
+        from ..store.persist import save_memory
+
+        save_memory(self, path, include_overlay=include_overlay)
+
+    def reindex(self, index: str, *, path: str | Path | None = None, **options) -> "Memory":
+        """The same entries (without overlay) under another index spec, from stored keys: no model run.
+
+        Saved to `path` when given. Documents and provenance are kept.
+        """
+        memory = self.empty_like(index, **options)
+        memory.extend(self, include_overlay=False)
+        memory.documents, memory.provenance, memory.fingerprint = list(self.documents), self.provenance, self.fingerprint
+        if path is not None:
+            memory.save(path)
+        return memory
+
+    def options(self) -> dict:
+        """The backend options this memory was made with (train size, reduction, search parameters)."""
+        return self._backends[self.layers[0]].options() if self.layers else {}
+
+    @property
+    def train_size(self) -> int:
+        """Valid entries a row needs before its indexes are trained; searches are exact until then (0: always)."""
+        return self._backends[self.layers[0]].train_size if self.layers else 0
+
+    @property
+    def k(self) -> int:
+        """Entries retrieved per query and head (ignored by the dense backend)."""
+        return self._k
+
+    @k.setter
+    def k(self, value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"k must be a positive integer, got {value!r}")
+        self._k = value
+        for backend in self._backends.values():
+            backend.k = value
+        if self.overlay is not None:
+            self.overlay.k = value
+
+    def search_params(self) -> dict:
+        """The Faiss search parameters in force ({} for exact backends)."""
+        return self._backends[self.layers[0]].search_params() if self.layers else {}
+
+    def set_search_params(self, **params) -> None:
+        """Change Faiss search parameters (e.g. `efSearch`, `nprobe`) of every layer."""
+        if self.index in BACKENDS:
+            raise ValueError(f"index {self.index!r} has no Faiss search parameters")
+        for backend in self._backends.values():
+            backend.set_search_params(**params)
+
+    def entries(self, layer: int) -> EntryStore:
+        """The entry store of memory layer `layer` (keys, values and padding flags by id)."""
+        return self._entries[layer]
+
+    def backend(self, layer: int) -> LayerMemory:
+        """The backend indexing memory layer `layer`."""
+        return self._backends[layer]
+
+    def check_compatible(self, config: "LongLlamaConfig") -> None:
+        """Raise `ValueError` if this memory cannot serve a model with `config`."""
+        expected = (tuple(config.mem_layers), config.num_key_value_heads, config.head_dim)
+        actual = (self.layers, self.num_heads, self.head_dim)
+        if expected != actual:
+            raise ValueError(
+                "memory does not match the model: memory has (layers, key/value heads, head_dim) = "
+                f"{actual}, the model needs {expected}"
+            )
+
+    @property
+    def batch_size(self) -> int | None:
+        """Batch rows the entries were written for (None while empty)."""
+        sizes = [e.batch_size for e in self._entries.values() if len(e)]
+        if not sizes and self.overlay is not None:
+            return self.overlay.batch_size
+        return sizes[0] if sizes else None
+
+    def check_batch(self, batch_size: int) -> None:
+        """Raise `ValueError` if entries were written for a different number of batch rows."""
+        if self.batch_size is not None and self.batch_size != batch_size:
+            raise ValueError(
+                f"memory holds {self.batch_size} batch rows but the input has {batch_size}; "
+                "use a new Memory (or memory.reset()) for a different batch"
+            )
+
+    def __len__(self) -> int:
+        return self.stored_entries + (len(self.overlay) if self.overlay is not None else 0)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored keys, values and indexes of every layer and row (overlay excluded)."""
+        return sum(self._entries[layer].nbytes() + self._backends[layer].nbytes() for layer in self.layers
+                   if len(self._entries[layer]))
+
+    @property
+    def stored_entries(self) -> int:
+        """Entries per row, not counting the overlay of a read-only memory."""
+        return len(self._entries[self.layers[0]]) if self.layers else 0
+
+    def add(self, layer: int, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
+        """Append keys/values (B, H, T, D), stored as if at position 0, with padding flags `valid` (B, T).
+
+        A read-only memory puts them in its in-memory overlay, searched together with the stored entries.
+        """
+        if keys.shape[2] == 0:
+            return
+        self.check_batch(keys.shape[0])
+        if self.read_only:
+            if self.overlay is None:  # exact search over what generation adds: the overlay stays small
+                self.overlay = self.empty_like("dense" if self.index == "dense" else "torch")
+            self.overlay.add(layer, keys, values, valid)
+            return
+        ids = self._entries[layer].add(keys, values, valid)
+        self._backends[layer].add(ids)
+
+    def extend(self, other: "Memory", *, chunk: int = 1 << 20, include_overlay: bool = True) -> "Memory":
+        """Append every entry of `other` (same layers and geometry), e.g. to re-index it under another spec."""
+        if (other.layers, other.num_heads, other.head_dim) != (self.layers, self.num_heads, self.head_dim):
+            raise ValueError(
+                f"cannot extend a memory of (layers, heads, head_dim) = {(self.layers, self.num_heads, self.head_dim)}"
+                f" with one of {(other.layers, other.num_heads, other.head_dim)}"
+            )
+        for layer in self.layers:
+            for keys, values, valid in other.entries(layer).chunks(chunk):
+                self.add(layer, keys, values, valid)
+        if include_overlay and other.overlay is not None:
+            self.extend(other.overlay, chunk=chunk)
+        return self
+
+    def check_input(self, config: "LongLlamaConfig", *, batch: int, length: int, use_cache: bool) -> None:
+        """Raise `ValueError` if the model with `config` cannot read `batch` rows with this memory."""
+        self.check_compatible(config)
+        self.check_batch(batch)
+
+    def search(self, layer: int, queries: torch.Tensor, heads: slice, *, window=None) -> MemoryHits | None:
+        """Entries of `layer` for queries (B, h, T, D) of key/value heads `heads`; None while the memory is empty.
+
+        `window` (the keys and values being read) serves memories built from it, such as cross-batch
+        training's; stored memories ignore it.
+        """
+        stored = len(self._entries[layer])
+        hits = self._backends[layer].search(queries, heads) if stored else None
+        extra = self.overlay.search(layer, queries, heads) if self.overlay is not None else None
+        hits = merge_hits(hits, extra, offset=stored)
+        if hits is not None:
+            for observe in self.observers:
+                observe(layer, queries, heads, hits)
+        return hits
+
+    def reset(self) -> None:
+        """Forget every entry (a read-only memory forgets its overlay only)."""
+        if self.read_only:
+            self.overlay = None
+            return
+        for layer in self.layers:
+            self._entries[layer].reset()
+            self._backends[layer].reset()
+        self.documents, self.provenance = [], None
+
+    def reorder_rows(self, index: torch.Tensor) -> None:
+        if self.read_only:
+            raise ValueError("a memory loaded from a store holds one row and cannot be reordered (beam search)")
+        for layer in self.layers:
+            self._entries[layer].reorder_rows(index)
+            self._backends[layer].reorder_rows(index)
+
+    def on_close(self, release: Callable[[], None]) -> None:
+        """Call `release` when this memory is closed (the store registers the files it holds open)."""
+        self._closers.append(release)
+
+    def close(self) -> None:
+        """Release the files and memory maps of a loaded store; the memory is empty afterwards."""
+        for layer in self.layers:
+            self._backends[layer].close()
+            self._entries[layer].reset()
+        for close in self._closers:
+            close()
+        self._closers, self.overlay, self.provenance = [], None, None
+
+    def __enter__(self) -> "Memory":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Memory(index={self.index!r}, k={self.k}, layers={list(self.layers)}, heads={self.num_heads}, "
+            f"head_dim={self.head_dim}, dtype={self.dtype}, entries_per_row={len(self)})"
+        )
+
+
+def merge_hits(first: MemoryHits | None, second: MemoryHits | None, *, offset: int) -> MemoryHits | None:
+    """Entries of two memories for the same queries; ids of `second` are shifted by `offset`."""
+    if second is not None and second.ids is not None:
+        second = second._replace(ids=second.ids + offset)
+    if first is None or second is None:
+        return first if second is None else second
+    if first.shared:
+        return MemoryHits(torch.cat([first.keys, second.keys.to(first.keys.dtype)], dim=2),
+                          torch.cat([first.values, second.values.to(first.values.dtype)], dim=2),
+                          torch.cat([first.valid, second.valid], dim=1))
+    return MemoryHits(None, torch.cat([first.values, second.values.to(first.values.dtype)], dim=3),
+                      *(torch.cat([a, b], dim=3) for a, b in zip(first[2:], second[2:])))

@@ -1,0 +1,94 @@
+"""Saving a `Memory` as a store and opening it again: what of a memory goes into which file.
+
+Arrays are written raw and reopened as copy-on-write memory maps; each backend's own state (Faiss
+indexes, their metadata) goes through its `export_state` / `import_state`, so the store needs to
+know no backend. The directory format itself is `format.py`'s.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..memory.manager import Document, Memory
+from . import format as fmt
+
+
+def save_memory(memory: Memory, path: str | Path | None = None, *, include_overlay: bool = False) -> None:
+    """Write `memory` (one batch row) to a store directory, atomically; default: where it was loaded from.
+
+    Entries in the overlay of a read-only memory are written only with `include_overlay=True`.
+    """
+    path = path or memory.path
+    if path is None:
+        raise ValueError("this memory was not loaded from a store: pass the path to save to")
+    if memory.fingerprint is None:
+        raise ValueError("unknown model: create the memory with Memory.create(model) to save it")
+    if memory.batch_size not in (None, 1):
+        raise ValueError(f"a store holds one memory row, this memory has {memory.batch_size} rows")
+    if include_overlay and memory.overlay is not None and len(memory.overlay):
+        merged = memory.reindex(memory.index, **memory.options())
+        merged.extend(memory.overlay)
+        return save_memory(merged, path)
+    size = memory.stored_entries
+    arrays, indexes, bounds, outliers = {}, {}, {}, {}
+    for layer in memory.layers:
+        keys, values = memory.entries(layer).encoded() if size else (torch.zeros(0), torch.zeros(0))
+        arrays[f"layer{layer}.keys.bin"] = keys[0] if size else keys
+        arrays[f"layer{layer}.values.bin"] = values[0] if size else values
+        objects, metadata = memory.backend(layer).export_state()
+        indexes.update({f"layer{layer}.{name}": index for name, index in objects.items()})
+        if metadata:
+            bounds[str(layer)], outliers[str(layer)] = metadata["l2_bounds"], metadata["ivf_outliers"]
+    valid = memory.entries(memory.layers[0]).valid[0] if size and memory.layers else torch.zeros(0)
+    arrays["valid.bin"] = valid.to(torch.uint8)
+    known = memory.provenance if memory.provenance is not None else torch.zeros(0, 3, dtype=torch.long)
+    unknown = torch.full((size - len(known), 3), -1)  # entries written by forward passes, not documents
+    arrays["provenance.bin"] = torch.cat([known, unknown])
+    manifest = dict(
+        fingerprint=memory.fingerprint, layers=list(memory.layers), num_heads=memory.num_heads,
+        head_dim=memory.head_dim, dtype=str(memory.dtype).removeprefix("torch."), index=memory.index, k=memory.k,
+        options=memory.options(), l2_bounds=bounds, ivf_outliers=outliers, entries=size,
+        documents=[d._asdict() for d in memory.documents],
+    )
+    fmt.write_store(path, manifest=manifest, arrays=arrays, indexes=indexes)
+
+
+def load_memory(path: str | Path, *, model, writable: bool = False, verify: bool = False) -> Memory:
+    """Open the store at `path` for `model`: arrays memory-mapped, Faiss indexes read on first search.
+
+    Read-only by default: entries added later (e.g. overflowing the local cache in generation) go
+    to an in-memory overlay searched together with the store. `verify=True` also hashes the large
+    arrays. Raises `StoreError` naming the file and the mismatch if anything does not fit.
+    """
+    fingerprint = fmt.model_fingerprint(model)
+    manifest, data = fmt.open_store(path, fingerprint=fingerprint, verify=verify)
+    size, heads, dim = manifest["entries"], manifest["num_heads"], manifest["head_dim"]
+    dtype = getattr(torch, manifest["dtype"])
+    memory = Memory(layers=manifest["layers"], num_heads=heads, head_dim=dim, dtype=dtype,
+                    index=manifest["index"], k=manifest["k"], **manifest["options"])
+    memory.check_compatible(model.config)
+    device = next(model.parameters()).device
+    valid = fmt.map_array(data / "valid.bin", (1, size), torch.uint8, writable).bool().to(device)
+    for layer in memory.layers:
+        keys, values = (
+            fmt.map_array(data / f"layer{layer}.{kind}.bin", (1, heads, size, dim), dtype, writable).to(device)
+            for kind in ("keys", "values")
+        )
+        memory.entries(layer).attach(keys, values, valid)
+        files = {f"head{h}.faiss": data / f"layer{layer}.head{h}.faiss" for h in range(heads)}
+        if size and all(name in manifest["files"] for name in (f"layer{layer}.{n}" for n in files)):
+            opened = {name: fmt.DeferredIndex(file) for name, file in files.items()}
+            metadata = {"l2_bounds": manifest["l2_bounds"][str(layer)],
+                        "ivf_outliers": manifest.get("ivf_outliers", {}).get(str(layer))}
+            # Read on first search; memory-mapped unless the store is opened for writing.
+            memory.backend(layer).import_state(
+                lambda opened=opened, metadata=metadata:
+                ({name: f.read(mmap=not writable) for name, f in opened.items()}, metadata))
+            for f in opened.values():
+                memory.on_close(f.close)
+    memory.documents = [Document(**d) for d in manifest["documents"]]
+    memory.provenance = fmt.map_array(data / "provenance.bin", (size, 3), torch.int64, writable)
+    memory.fingerprint, memory.path, memory.read_only = fingerprint, Path(path), not writable
+    return memory

@@ -1,0 +1,1 @@
+"""FoT training: the trainer, its data recipe, synthetic retrieval documents and tokenizer training."""
