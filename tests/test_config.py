@@ -28,7 +28,10 @@ def test_round_trip_through_dict_keeps_memory_fields():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
+        (dict(rope_scaling={"type": "su", "factor": 2.0}), "unknown rope_type 'su'"),
+        (dict(rope_scaling={"type": "linear", "factor": 2.0, "beta": 1}), r"does not understand field\(s\) \['beta'\]"),
+        (dict(mem_position_scheme="nope"), "mem_position_scheme 'nope' is unknown"),
+        (dict(num_key_value_heads=3), r"must be a multiple of num_key_value_heads \(3\)"),
         (dict(mem_layers=[1, 3]), r"mem_layers \[3\] out of range"),
         (dict(mem_layers=[-1]), r"mem_layers \[-1\] out of range"),
         (dict(hidden_size=30), "hidden_size \\(30\\) must be divisible by num_attention_heads \\(4\\)"),

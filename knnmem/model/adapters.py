@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from .config import LongLlamaConfig
+from .rope import rope_from_config
 
 # Fields of a saved config that describe the file, not the model.
 _BOOKKEEPING = ("architectures", "auto_map", "transformers_version", "torch_dtype", "dtype", "model_type",
@@ -24,21 +25,31 @@ def _longllama(fields: dict) -> dict:
     return fields
 
 
+# What a LLaMA config says, each honoured by a LongLLaMA field of the same name (rope settings aside).
+_LLAMA_FIELDS = {
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
+    "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings", "attention_bias", "mlp_bias",
+}
+# Generic fields of every transformers config, and LLaMA's fields that do not change what the model computes.
+_NEUTRAL = {"id2label", "label2id", "problem_type", "chunk_size_feed_forward", "is_encoder_decoder", "return_dict",
+            "output_attentions", "output_hidden_states", "attention_dropout", "pretraining_tp"}
+
+
 def _llama(fields: dict) -> dict:
-    """A `transformers` LLaMA config: LongLLaMA without memory layers, the same weights."""
-    fields = dict(fields)
-    if fields.pop("pretraining_tp", 1) not in (1, None):
+    """A `transformers` LLaMA config: LongLLaMA without memory layers, the same weights and positions."""
+    unknown = sorted(set(fields) - _LLAMA_FIELDS - _NEUTRAL - {"rope_parameters", "rope_scaling", "rope_theta",
+                                                               "partial_rotary_factor"})
+    if unknown:
+        raise ValueError(f"LLaMA config fields {unknown} are not supported (knnmem would ignore them)")
+    if fields.get("pretraining_tp", 1) not in (1, None):
         raise ValueError("pretraining_tp > 1 is not supported: save the checkpoint with pretraining_tp=1")
-    fields.pop("attention_dropout", None)  # training-only, and knnmem fine-tunes without dropout
-    rope = fields.pop("rope_parameters", None) or {}
-    rope = dict(rope)
-    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
-    if rope_type != "default" or set(rope) - {"rope_theta"}:
-        raise ValueError(f"rope parameters {fields.get('rope_parameters') or rope!r} are not supported: only plain "
-                         "rotary embeddings (rope_type 'default') are")
-    if "rope_theta" in rope:
-        fields["rope_theta"] = rope["rope_theta"]
-    return fields
+    rope = rope_from_config(fields)  # raises for rope settings it cannot honour exactly
+    out = {name: fields[name] for name in _LLAMA_FIELDS if name in fields}
+    scaling = None if rope.rope_type == "default" and not rope.params else {"rope_type": rope.rope_type, **rope.params}
+    out.update(rope_theta=rope.theta, rope_scaling=scaling,
+               rope_max_position_embeddings=fields.get("max_position_embeddings"))
+    return out
 
 
 FAMILIES: dict[str, Callable[[dict], dict]] = {"longllama": _longllama, "llama": _llama}

@@ -15,22 +15,20 @@ import torch.nn.functional as F
 from ..memory.protocol import MemoryHits
 
 
-def rotary_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
-    """Inverse frequencies of rotary embeddings, `(head_dim // 2,)` float32."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-
-
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate `x` (B, H, T, D) by `positions` (B, T) with base `theta`."""
-    inv_freq = rotary_inv_freq(x.shape[-1], theta).to(x.device)
-    angles = positions[..., None].float() * inv_freq  # (B, T, D/2)
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
+    """Rotate `x` (B, H, T, D) by `positions` (B, T) with inverse frequencies `inv_freq` (D/2,).
+
+    `scaling` multiplies cos and sin (the attention temperature of YaRN-like rope types).
+    """
+    angles = positions[..., None].float() * inv_freq.to(x.device)  # (B, T, D/2)
     emb = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, D)
-    return x * emb.cos().to(x.dtype) + rotate_half(x) * emb.sin().to(x.dtype)
+    cos, sin = emb.cos() * scaling, emb.sin() * scaling
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
 
 
 def relative_positions(positions: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from transformers import PretrainedConfig
 
 from .positions import POSITION_SCHEMES
+from .rope import Rope, rope_from_config
 
 MEM_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -28,6 +29,12 @@ class LongLlamaConfig(PretrainedConfig):
         torch_attention: use `torch.nn.functional.scaled_dot_product_attention`; never changes results.
         gradient_checkpoint_every_ith: with gradient checkpointing on, checkpoint every i-th layer only.
         mem_position_scheme: how memory keys are position-encoded for scoring (see `positions.py`).
+        mem_position_distance: with the `fixed_distance` scheme, the distance D every memory key is scored
+            at (None: the window, as InfLLM does).
+        rope_theta, rope_scaling: rotary embeddings; `rope_scaling` holds `rope_type` and that type's fields
+            (every type of `rope.ROPE_TYPES`), as transformers spells them.
+        rope_max_position_embeddings: the context length rope scaling refers to: the pretrained
+            checkpoint's (None: `max_position_embeddings`, which here is the window).
         num_key_value_heads, head_dim, attention_bias, mlp_bias: LLaMA's grouped-query attention
             (memory holds one index per key/value head), explicit head size and projection biases.
     """
@@ -55,6 +62,7 @@ class LongLlamaConfig(PretrainedConfig):
     tie_word_embeddings: bool = False
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
+    rope_max_position_embeddings: int | None = None
     last_context_length: int = 1024
     mem_layers: list[int] | tuple[int, ...] = ()
     mem_positionals: bool = True
@@ -63,6 +71,7 @@ class LongLlamaConfig(PretrainedConfig):
     torch_attention: bool = False
     gradient_checkpoint_every_ith: int = 1
     mem_position_scheme: str = "longllama"
+    mem_position_distance: int | None = None
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -85,11 +94,10 @@ class LongLlamaConfig(PretrainedConfig):
         self.mem_layers = [int(i) for i in self.mem_layers]
         if self.mem_attention_grouping is not None:
             self.mem_attention_grouping = [int(i) for i in self.mem_attention_grouping]
-        if self.rope_scaling is not None:
-            raise ValueError(
-                f"rope_scaling={self.rope_scaling!r} is not supported: LongLLaMA uses plain rotary embeddings; "
-                "remove rope_scaling from the config (or set it to None)"
-            )
+        rope = self.rope  # raises for rope settings knnmem cannot honour exactly
+        if rope.rotary_dim != self.head_dim:
+            raise ValueError(f"partial_rotary_factor {rope.params['partial_rotary_factor']} is not supported: "
+                             "LLaMA rotates whole heads")
         if self.num_key_value_heads < 1 or self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
@@ -100,6 +108,9 @@ class LongLlamaConfig(PretrainedConfig):
         if self.mem_position_scheme not in POSITION_SCHEMES:
             raise ValueError(f"mem_position_scheme {self.mem_position_scheme!r} is unknown: use one of "
                              f"{sorted(POSITION_SCHEMES)}")
+        distance = self.mem_position_distance
+        if distance is not None and (isinstance(distance, bool) or not isinstance(distance, int) or distance < 0):
+            raise ValueError(f"mem_position_distance must be None or an integer >= 0, got {distance!r}")
         bad = [i for i in self.mem_layers if not 0 <= i < self.num_hidden_layers]
         if bad:
             raise ValueError(
@@ -120,6 +131,14 @@ class LongLlamaConfig(PretrainedConfig):
             )
         if self.gradient_checkpoint_every_ith < 1:
             raise ValueError(f"gradient_checkpoint_every_ith must be >= 1, got {self.gradient_checkpoint_every_ith}")
+
+    @property
+    def rope(self) -> Rope:
+        """The rotary embedding these fields describe (`ValueError` naming what cannot be honoured)."""
+        return rope_from_config({
+            "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling, "head_dim": self.head_dim,
+            "max_position_embeddings": self.rope_max_position_embeddings or self.max_position_embeddings,
+        })
 
     @property
     def memory_dtype(self) -> torch.dtype:

@@ -66,8 +66,16 @@ class LongLlamaAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.is_memory_layer = layer_idx in config.mem_layers
         self.use_rotary = config.mem_positionals or not self.is_memory_layer
-        self.rope_theta = config.rope_theta
+        self.rope = config.rope
+        self.rope_scaling = self.rope.attention_scaling
+        # Only dynamic and longrope frequencies depend on the positions seen; the others are computed once,
+        # on first use (not here: models are built on the meta device when loaded).
+        self.static_rope = self.rope.rope_type not in ("dynamic", "longrope")
+        self.inv_freq: torch.Tensor | None = None
         self.memory_queries = POSITION_SCHEMES[config.mem_position_scheme]
+        self.mem_distance = config.mem_position_distance
+        if self.mem_distance is None:
+            self.mem_distance = config.max_position_embeddings
         # Grouping bounds the (heads x queries x memory) score matrix in memory layers.
         self.grouping = config.mem_attention_grouping if self.is_memory_layer else None
         self.use_sdpa = config.torch_attention
@@ -82,7 +90,11 @@ class LongLlamaAttention(nn.Module):
         return x.view(batch, length, heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
 
     def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return apply_rotary(x, positions, self.rope_theta)
+        if not self.static_rope:
+            return apply_rotary(x, positions, self.rope.inv_freq(int(positions.max()) + 1), self.rope_scaling)
+        if self.inv_freq is None or self.inv_freq.device != x.device:
+            self.inv_freq = self.rope.inv_freq().to(x.device)
+        return apply_rotary(x, positions, self.inv_freq, self.rope_scaling)
 
     def forward(
         self,
@@ -109,7 +121,7 @@ class LongLlamaAttention(nn.Module):
         groups = self.num_heads // self.num_kv_heads
         mask = local_mask(span_valid, num_queries).repeat(1, 1, groups, 1)  # (B, 1, G*T, S)
         if self.is_memory_layer and memory is not None:
-            mem_q = self.memory_queries(raw_q, q, self._rotate) if self.use_rotary else q
+            mem_q = self.memory_queries(raw_q, q, self._rotate, self.mem_distance) if self.use_rotary else q
             out = self._attend_with_memory(q, mem_q, keys, values, mask, memory, (k, v, valid))
         else:
             out = attend(group_queries(q, self.num_kv_heads), keys, values, mask, use_sdpa=self.use_sdpa)
