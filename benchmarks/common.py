@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import sysconfig
 from pathlib import Path
 
-SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "model"
+from knnmem.ingest import stdlib_texts
+
+SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "model" / "tiny"
 
 
 def stdlib_documents(tokenizer, total_tokens: int, doc_tokens: int = 4096) -> list[list[int]]:
-    """Standard-library sources, tokenized, cut into documents of at most `doc_tokens` tokens."""
+    """Standard-library sources (the training split's files), tokenized, cut into documents of at most
+    `doc_tokens` tokens."""
     docs, remaining = [], total_tokens
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
-        ids = tokenizer(path.read_text(encoding="utf-8", errors="replace"))["input_ids"]
+    for _, text in stdlib_texts("train"):
+        ids = tokenizer(text)["input_ids"]
         for start in range(0, len(ids), doc_tokens):
             piece = ids[start : start + min(doc_tokens, remaining)]
             if len(piece) >= 64:

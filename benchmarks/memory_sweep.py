@@ -21,6 +21,7 @@ from common import SHIPPED_MODEL, rss_bytes, stdlib_documents
 
 import knnmem
 from knnmem.eval.quality import RetrievalProbe
+from knnmem.plotting import pyplot
 
 # index spec -> search-parameter settings measured on the one built index
 DEFAULT_SPECS = {
@@ -49,15 +50,17 @@ def label(spec: str, params: dict) -> str:
 
 
 @torch.no_grad()
-def measure(model, memory: ProbedMemory, params: dict, prompt: torch.Tensor, decode_steps: int) -> dict:
+def measure(model, memory: knnmem.Memory, probe: RetrievalProbe, params: dict, prompt: torch.Tensor,
+            decode_steps: int) -> dict:
     """Quality, prefill and decode of one operating point; `memory` is read, never written."""
     if params:
         memory.set_search_params(**params)
     entries = len(memory)
-    memory.reset_quality()
+    probe.reset()
+    probe.enabled = True
     model(input_ids=prompt, memory=memory, use_cache=True, last_context_length=prompt.shape[1])  # all in the cache
-    quality = memory.quality()
-    memory.probing = False
+    quality = probe.quality()
+    probe.enabled = False
     timings = []
     for _ in range(2):
         start = time.perf_counter()
@@ -72,20 +75,22 @@ def measure(model, memory: ProbedMemory, params: dict, prompt: torch.Tensor, dec
     if len(memory) != entries:
         raise RuntimeError(f"the workload wrote {len(memory) - entries} entries to the memory it measures")
     return dict(
-        index=label(memory.index + ("+l2" if memory.l2_reduction else ""), params), memory_tokens=len(memory), k=None if memory.index == "dense" else memory.k,
+        index=label(memory.index + ("+l2" if memory.options().get("l2_reduction") else ""), params),
+        memory_tokens=len(memory), k=None if memory.index == "dense" else memory.k,
         decode_ms=1000 * sorted(steps)[len(steps) // 2], prefill_tok_s=prompt.shape[1] / min(timings),
         recall=quality.recall, mass=quality.mass_captured, bytes_per_token=memory.nbytes / len(memory),
     )
 
 
-def build(model, source: knnmem.Memory, spec: str, k: int) -> tuple[ProbedMemory, dict]:
+def build(model, source: knnmem.Memory, spec: str, k: int) -> tuple[knnmem.Memory, RetrievalProbe, dict]:
     """Re-index `source` under `spec` ("+l2" suffix: inner-product-to-L2 reduction, else none)."""
     rss_before, start = rss_bytes(), time.perf_counter()
     index, l2 = spec.removesuffix("+l2"), spec.endswith("+l2")
     options = {} if index == "dense" else dict(k=k) if index == "torch" else dict(k=k, l2_reduction=l2)
-    memory = ProbedMemory.create(model, index=index, **options)
+    memory = knnmem.Memory.create(model, index=index, **options)
     memory.extend(source)
-    return memory, dict(build_s=time.perf_counter() - start, rss_gb=(rss_bytes() - rss_before) / 2**30)
+    cost = dict(build_s=time.perf_counter() - start, rss_gb=(rss_bytes() - rss_before) / 2**30)
+    return memory, RetrievalProbe(memory), cost
 
 
 def markdown(rows: list[dict]) -> str:
@@ -159,9 +164,9 @@ def main() -> None:
         for spec, settings in todo.items():
             if not settings:
                 continue
-            memory, cost = build(model, source, spec, args.k)
+            memory, probe, cost = build(model, source, spec, args.k)
             for params in settings:
-                rows.append({**measure(model, memory, params, prompt, args.decode_steps), **cost})
+                rows.append({**measure(model, memory, probe, params, prompt, args.decode_steps), **cost})
                 results_path.write_text(json.dumps(rows, indent=1))  # resumable: finished points are kept
                 print(markdown(rows[-1:]).splitlines()[-1], flush=True)
             del memory

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sysconfig
 from pathlib import Path
 
 import torch
@@ -23,16 +22,17 @@ from tqdm.auto import tqdm
 
 import knnmem
 from knnmem.cli import parse_token_list
+from knnmem.ingest import stdlib_texts
+from knnmem.plotting import pyplot
 
 
 def long_documents(tokenizer, length: int, count: int) -> list[tuple[str, list[int]]]:
     """The `count` longest `test` files of at least `length` tokens, cut to their first `length` tokens."""
-    root = Path(sysconfig.get_paths()["stdlib"]) / "test"
     docs = []
-    for path in sorted(root.rglob("*.py"), key=lambda p: -p.stat().st_size)[: 4 * count]:
-        ids = tokenizer(path.read_text(encoding="utf-8", errors="replace"))["input_ids"]
+    for name, text in sorted(stdlib_texts("test"), key=lambda item: -len(item[1].encode()))[: 4 * count]:
+        ids = tokenizer(text)["input_ids"]
         if len(ids) >= length:
-            docs.append((path.relative_to(root).as_posix(), ids[:length]))
+            docs.append((name.removeprefix("test/"), ids[:length]))
         if len(docs) == count:
             return docs
     raise ValueError(f"fewer than {count} held-out documents have {length} tokens")

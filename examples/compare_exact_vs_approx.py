@@ -1,6 +1,6 @@
 """Exact dense memory against approximate indexes on the same long text.
 
-    python examples/compare_exact_vs_approx.py --model model --report reports/compare
+    python examples/compare_exact_vs_approx.py --model model/tiny --report reports/compare
 """
 
 import argparse
@@ -14,7 +14,7 @@ from knnmem.eval.compare import compare_memories, markdown_table, write_report
 from knnmem.eval.demo import DATA
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--model", default="model")
+parser.add_argument("--model", default="model/tiny")
 parser.add_argument("--tokens", type=int, default=8192, help="length of the text read")
 parser.add_argument("--index", nargs="+", default=["Flat", "HNSW32", "IVF64,Flat"])
 parser.add_argument("--k", type=int, nargs="+", default=[16, 128])

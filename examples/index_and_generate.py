@@ -1,6 +1,6 @@
 """Index a corpus once, then answer a question whose answer is somewhere in it.
 
-    python examples/index_and_generate.py --model model --corpus knnmem/demo_data/corpus.jsonl
+    python examples/index_and_generate.py --model model/tiny --corpus knnmem/demo_data/corpus.jsonl
 """
 
 import argparse
@@ -12,7 +12,7 @@ import knnmem
 from knnmem.eval.demo import DATA
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--model", default="model")
+parser.add_argument("--model", default="model/tiny")
 parser.add_argument("--corpus", nargs="+", default=[str(DATA / "corpus.jsonl")])
 parser.add_argument("--store", default="indexes/example")
 parser.add_argument("--index", default=knnmem.memory.DEFAULT_INDEX)

@@ -1,6 +1,6 @@
 """The pass-key test: accuracy per prompt length with dense and kNN memory.
 
-    python examples/passkey.py --model model --lengths 4096 16384 --trials 20
+    python examples/passkey.py --model model/tiny --lengths 4096 16384 --trials 20
 """
 
 import argparse
@@ -11,7 +11,7 @@ import knnmem
 from knnmem.eval.passkey import passkey_sweep, passkey_table
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--model", default="model")
+parser.add_argument("--model", default="model/tiny")
 parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
 parser.add_argument("--index", default=knnmem.memory.DEFAULT_INDEX)
 parser.add_argument("--trials", type=int, default=10)

@@ -1,6 +1,6 @@
 """Persist a memory in one process and reload it in another: the answers are identical.
 
-    python examples/persist_and_reload.py --model model
+    python examples/persist_and_reload.py --model model/tiny
 """
 
 import argparse
@@ -14,7 +14,7 @@ import knnmem
 from knnmem.eval.demo import DATA
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--model", default="model")
+parser.add_argument("--model", default="model/tiny")
 parser.add_argument("--corpus", nargs="+", default=[str(DATA / "corpus.jsonl")])
 parser.add_argument("--store", default="indexes/persisted")
 parser.add_argument("--prompt", default="Recall the batch id of Kadra. It is")

@@ -8,6 +8,10 @@ import sys
 import typing
 
 
+MODEL_HELP = ("model directory, .gguf file, adapter directory or hub id (default: SmolLM2-135M-Instruct with "
+              "the memory adapter model/smollm2)")
+
+
 class UsageError(Exception):
     """A problem with the command's input, reported as one line without a traceback."""
 
@@ -83,20 +87,22 @@ def cmd_index(args) -> None:
 def cmd_generate(args) -> None:
     import torch
 
+    from .chat import encode_prompt
     from .eval.explain import explain_generation
     from .memory import Memory
     from .model import load_pretrained
 
     model, tokenizer = load_pretrained(args.model, args.device)
+    ids = encode_prompt(tokenizer, args.prompt, chat=args.chat)
     memory = Memory.load(args.memory, model=model)
     if args.k:
         memory.k = args.k
     if not args.explain:
-        ids = torch.tensor([tokenizer(args.prompt)["input_ids"]], device=model.device)
+        ids = torch.tensor([ids], device=model.device)
         out = model.generate(ids, memory=memory, max_new_tokens=args.max_new_tokens, do_sample=False)
         print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
         return
-    explanation = explain_generation(model, tokenizer, memory, args.prompt, max_new_tokens=args.max_new_tokens)
+    explanation = explain_generation(model, tokenizer, memory, ids, max_new_tokens=args.max_new_tokens)
     print(explanation.answer)
     print("\nmost attended stored passages over the answer:")
     for p in explanation.overall:
@@ -220,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("index", help="encode a corpus into a memory store")
     p.add_argument("corpus", nargs="+", help="text files, folders of them, or JSONL files")
-    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--out", required=True, help="store directory to write, e.g. indexes/NAME")
     p.add_argument("--index", default=DEFAULT_INDEX, help=f"dense, torch or a Faiss factory string (default {DEFAULT_INDEX})")
     p.add_argument("--k", type=parse_positive, default=DEFAULT_K, help=f"entries retrieved per query and head (default {DEFAULT_K})")
@@ -230,17 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("generate", help="generate from a prompt with a stored memory")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--memory", required=True, help="store directory written by `knnmem index`")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=parse_positive, default=32)
     p.add_argument("--k", type=parse_positive, default=None, help="override the store's k")
     p.add_argument("--explain", action="store_true", help="list the stored passages the memory layers attended to")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="prompt as a user turn of the tokenizer's chat template (default: when it has one)")
     _add_device(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("compare", help="exact dense memory against index specs on the same input")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--memory", help="store whose entries every memory starts with")
     p.add_argument("--text", help="text file the model reads with each memory")
     p.add_argument("--queries", default="What is the pass key? The pass key is",
@@ -253,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("passkey", help="pass-key retrieval accuracy per prompt length")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--lengths", type=parse_token_list, default=parse_token_list("4k,16k,64k"))
     p.add_argument("--index", default=DEFAULT_INDEX)
     p.add_argument("--k", type=parse_positive, default=DEFAULT_K)
@@ -275,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", help="index the embedded corpus, reload it and answer questions from it")
-    p.add_argument("--model", default="model", help="model directory (default: the shipped model/)")
+    p.add_argument("--model", default="model/tiny", help="model directory (default: the test model model/tiny)")
     p.add_argument("--out", default="indexes/demo", help="store directory (default indexes/demo)")
     p.add_argument("--index", default=DEFAULT_INDEX)
     p.add_argument("--k", type=parse_positive, default=DEFAULT_K)

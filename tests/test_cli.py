@@ -123,6 +123,7 @@ def test_passkey_merge_pools_the_trials_of_separate_runs(model_dir, tmp_path, ca
         (["info", "/no/such/store"], "not a knnmem store"),
         (["generate", "--model", "/no/such/model", "--memory", "x", "--prompt", "p"], "not a model directory"),
         (["passkey", "--model", "MODEL", "--index", "NoSuchIndex"], "unknown index spec"),
+        (["generate", "--model", "MODEL", "--memory", "x", "--prompt", "p", "--chat"], "has no chat template"),
         (["index", "/no/such/corpus", "--model", "MODEL", "--out", "OUT"], "does not exist"),
         (["passkey", "--model", "MODEL", "--device", "gpu"], "unknown device 'gpu'"),
         (["passkey-merge", "/no/such/report"], "does not exist: expected a pass-key report"),

@@ -12,7 +12,7 @@ from knnmem.eval.demo import DATA, answer_tokens_predicted
 from knnmem.eval.passkey import passkey_prompt
 from knnmem.train.synthetic import TEMPLATES, entity, value
 
-MODEL = Path(__file__).resolve().parent.parent / "model"
+MODEL = Path(__file__).resolve().parent.parent / "model" / "tiny"
 TRIALS, FILLER_CHARS = 4, 20_000  # about 8k tokens between each fact and its question
 # Measured on 8 such facts: 31 of 35 answer tokens with HNSW32 memory, 5 of 35 from the question alone.
 KNN_AT_LEAST, MARGIN = 0.7, 0.4

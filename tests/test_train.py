@@ -249,6 +249,31 @@ def test_fine_tunes_a_llama_checkpoint(tmp_path, tokenizer):
     assert not torch.equal(weights["lm_head.weight"], llama.lm_head.weight)
 
 
+def test_fine_tunes_only_the_memory_attention_of_a_gqa_checkpoint_into_an_adapter(tmp_path, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=64, tie_word_embeddings=True))
+    llama.save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    config = TrainConfig(**{**TINY_RUN, "init_from": str(tmp_path / "llama"), "train_only": "memory_attention"})
+    trainer = Trainer(config, tmp_path / "run")
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train_step()
+    trainer.save()
+    changed = {name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all(name.startswith("model.layers.1.self_attn.") for name in changed)  # layer 1 only
+    adapter = tmp_path / "run" / "checkpoint" / "adapter"
+    assert set(load_file(adapter / "adapter.safetensors")) == {n for n in before if n.startswith("model.layers.1.self_attn.")}
+    reloaded, _ = knnmem.load_pretrained(adapter, device="cpu")
+    assert reloaded.config.mem_layers == [1] and reloaded.config.num_key_value_heads == 2
+    for name, param in reloaded.named_parameters():
+        torch.testing.assert_close(param, dict(trainer.model.named_parameters())[name], msg=name)
+    with pytest.raises(ValueError, match="give init_from too"):
+        TrainConfig(**{**TINY_RUN, "train_only": "memory_attention"})
+
+
 def test_passkey_prompt_length_and_depth(tokenizer):
     for depth in (0.0, 0.5, 1.0):
         ids = passkey_prompt(tokenizer, 3000, depth, 4242)

@@ -89,13 +89,15 @@ def describe(memory: Memory, tokenizer, entry: int, weight: float, context: int 
 
 
 @torch.no_grad()
-def explain_generation(model, tokenizer, memory: Memory, prompt: str, *, max_new_tokens: int = 16,
+def explain_generation(model, tokenizer, memory: Memory, prompt: str | list[int], *, max_new_tokens: int = 16,
                        top: int = 3) -> Explanation:
-    """Greedy generation from `prompt` with `memory`, reporting the passages each token attended to."""
+    """Greedy generation from `prompt` (text, or token ids such as `chat.encode_prompt` gives) with `memory`,
+    reporting the passages each token attended to."""
     config = model.config
     recorder = AttentionRecorder(memory, config.num_attention_heads // config.num_key_value_heads)
     try:
-        ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=model.device)
+        ids = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
+        ids = torch.tensor([ids], device=model.device)
         out = model.generate(ids, memory=memory, max_new_tokens=max_new_tokens, do_sample=False,
                              logits_processor=LogitsProcessorList([recorder]))
     finally:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..chat import encode_prompt, user_turn_end
 from ..memory import Memory
 from ..plotting import pyplot
 
@@ -32,18 +33,36 @@ def key_sentence(pass_key: int) -> str:
     return f"The pass key is {pass_key}. Remember it. {pass_key} is the pass key."
 
 
-def passkey_prompt(tokenizer, length: int, depth: float, pass_key: int) -> list[int]:
-    """Token ids of a prompt of about `length` tokens with the key sentence at `depth` (0 = start, 1 = end)."""
+def passkey_prompt(tokenizer, length: int, depth: float, pass_key: int, *, chat: bool = False) -> list[int]:
+    """Token ids of a prompt of about `length` tokens with the key sentence at `depth` (0 = start, 1 = end).
+
+    With `chat`, the task, text and question ("What is the pass key?") are the user's turn of the
+    tokenizer's chat template and the assistant's answer begins "The pass key is".
+    """
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must lie in [0, 1], got {depth}")
-    fixed = len(tokenizer("\n".join([TASK, "", key_sentence(pass_key), "", QUESTION]))["input_ids"])
+
+    def encode(before: int, after: int) -> list[int]:
+        parts = [TASK, " ".join([FILLER] * before), key_sentence(pass_key), " ".join([FILLER] * after)]
+        if not chat:
+            return tokenizer("\n".join(parts + [QUESTION]))["input_ids"]
+        question, answer = QUESTION.split("? ")
+        return encode_prompt(tokenizer, "\n".join(parts + [question + "?"]), chat=True, answer_prefix=answer)
+
+    fixed = len(encode(0, 0))
     per_filler = len(tokenizer(" ".join([FILLER] * 16))["input_ids"]) / 16
     repeats = max(math.ceil((length - fixed) / per_filler), 0)
     before = round(repeats * depth)
-    text = "\n".join(
-        [TASK, " ".join([FILLER] * before), key_sentence(pass_key), " ".join([FILLER] * (repeats - before)), QUESTION]
-    )
-    return tokenizer(text)["input_ids"]
+    return encode(before, repeats - before)
+
+
+def question_tokens(tokenizer, *, chat: bool = False) -> int:
+    """About how many tokens end a pass-key prompt after its text: the question (and, with `chat`, the
+    end of the user's turn and the start of the answer)."""
+    if not chat:
+        return len(tokenizer(QUESTION, add_special_tokens=False)["input_ids"])
+    question, answer = QUESTION.split("? ")
+    return len(tokenizer(question + "?" + user_turn_end(tokenizer) + answer, add_special_tokens=False)["input_ids"])
 
 
 @dataclass
@@ -57,12 +76,15 @@ class PasskeyTrial:
 
 
 def run_passkey(model, tokenizer, length: int, *, trials: int, memory_factory, seed: int = 0,
-                progress: bool = True) -> list[PasskeyTrial]:
+                progress: bool = True, chat: bool = False, last_context_length: int | None = None
+                ) -> list[PasskeyTrial]:
     """Greedy-decode the key for `trials` prompts of about `length` tokens, depths uniform in [0, 1].
 
     Args:
         memory_factory: called with no arguments for each trial; returns the `knnmem.Memory` to use.
         progress: show a progress bar over the trials.
+        chat: prompts in the chat template (see `passkey_prompt`).
+        last_context_length: tokens at the end of the prompt kept out of memory (default: the model's).
     """
     if trials < 1:
         raise ValueError(f"trials must be at least 1, got {trials}")
@@ -70,11 +92,12 @@ def run_passkey(model, tokenizer, length: int, *, trials: int, memory_factory, s
     results = []
     for _ in tqdm(range(trials), desc=f"pass key, {length:,} tokens", unit="trial", leave=False, disable=not progress):
         depth, pass_key = float(rng.uniform()), int(rng.integers(1, 50001))
-        ids = torch.tensor([passkey_prompt(tokenizer, length, depth, pass_key)], device=model.device)
+        ids = torch.tensor([passkey_prompt(tokenizer, length, depth, pass_key, chat=chat)], device=model.device)
         digits = len(str(pass_key))
         start = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=digits + 1, do_sample=False, memory=memory_factory())
+            out = model.generate(ids, max_new_tokens=digits + 1, do_sample=False, memory=memory_factory(),
+                                 last_context_length=last_context_length)
         answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
         number = re.match(r"\d+", answer)
         correct = number is not None and number.group() == str(pass_key)

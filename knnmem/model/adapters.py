@@ -58,6 +58,77 @@ def _llama(fields: dict) -> dict:
 FAMILIES: dict[str, Callable[[dict], dict]] = {"longllama": _longllama, "llama": _llama}
 
 
+# The default model: SmolLM2-135M-Instruct with the memory adapter kept in the repository's model/ folder.
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "model" / "smollm2"
+ADAPTER_FILE = "adapter.json"
+ADAPTER_WEIGHTS = "adapter.safetensors"
+# Config fields an adapter must agree with its base on, besides the digest of the final norm's weights.
+_BASE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "head_dim")
+
+
+def read_adapter(path: str | Path) -> dict | None:
+    """The `adapter.json` of directory `path`: {"base": checkpoint or null for the default model, "config":
+    overrides, "base_fingerprint": ..., "weights": file or null}; None if `path` holds no adapter."""
+    file = Path(path) / ADAPTER_FILE
+    if not file.is_file():
+        return None
+    try:
+        adapter = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{file}: not valid JSON ({error})") from None
+    if not isinstance(adapter, dict) or not isinstance(adapter.get("config", {}), dict) or "base" not in adapter:
+        raise ValueError(f"{file}: expected an object with a base and a config")
+    return adapter
+
+
+def base_fingerprint(model) -> dict:
+    """What an adapter records of the base model it was made for."""
+    config = model.config
+    norm = model.get_decoder().norm.weight.detach().float().cpu().numpy().tobytes()
+    return {**{f: getattr(config, f) for f in _BASE_FIELDS}, "norm_sha256": hashlib.sha256(norm).hexdigest()}
+
+
+def save_adapter(model, out_dir: str | Path, *, base: str | None, tensors: list[str] = ()) -> Path:
+    """Save `model` as an adapter over checkpoint `base` (None: the default model): its memory fields, and
+    the tensors named in `tensors` (e.g. the trained memory layers' attention), nothing else."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    fields = ("mem_layers", "max_position_embeddings", "last_context_length", "mem_positionals", "mem_dtype",
+              "mem_position_scheme", "mem_position_distance", "mem_attention_grouping", "torch_attention")
+    state = model.state_dict()
+    if tensors:
+        save_file({name: state[name].detach().contiguous().cpu() for name in tensors}, out_dir / ADAPTER_WEIGHTS)
+    adapter = {"base": base, "config": {f: getattr(config, f) for f in fields},
+               "base_fingerprint": base_fingerprint(model), "weights": ADAPTER_WEIGHTS if tensors else None}
+    (out_dir / ADAPTER_FILE).write_text(json.dumps(adapter, indent=1) + "\n")
+    return out_dir
+
+
+def apply_adapter(model, path: str | Path, adapter: dict) -> None:
+    """Check that `model` is the base `adapter` was made for, then load the adapter's tensors over it.
+
+    Raises:
+        ValueError: naming what differs from the base the adapter was made for, or tensors the model lacks.
+    """
+    expected, actual = adapter.get("base_fingerprint") or {}, base_fingerprint(model)
+    differs = sorted(f for f in expected if expected[f] != actual.get(f))
+    if differs:
+        raise ValueError(f"{Path(path) / ADAPTER_FILE} was made for another base model: {differs} differ")
+    if adapter.get("weights"):
+        from safetensors.torch import load_file
+
+        weights = load_file(Path(path) / adapter["weights"])
+        state = model.state_dict()
+        bad = sorted(n for n, t in weights.items() if n not in state or state[n].shape != t.shape)
+        if bad:
+            raise ValueError(f"{Path(path) / adapter['weights']}: tensors {bad} do not fit the base model")
+        model.load_state_dict(weights, strict=False)
+
+
 def cache_dir() -> Path:
     """Where knnmem keeps what it derives from checkpoints (converted GGUF files): `$KNNMEM_CACHE`, else
     `~/.cache/knnmem`."""
@@ -79,7 +150,8 @@ def resolve_checkpoint(source: str | Path | None = None) -> Path | str:
         source = gguf.smollm2_gguf()
     path = Path(source)
     if path.is_dir():
-        return path
+        adapter = read_adapter(path)
+        return path if adapter is None else resolve_checkpoint(adapter["base"])
     if path.suffix == ".gguf" or path.is_file():
         if not path.is_file():
             raise FileNotFoundError(f"no GGUF file at {path}")
@@ -93,7 +165,7 @@ def resolve_checkpoint(source: str | Path | None = None) -> Path | str:
                 pass
         return converted
     if str(source).startswith((".", "/", "~")) or len(str(source).split("/")) != 2:
-        raise FileNotFoundError(f"{source} is neither a model directory, a .gguf file nor a hub id (owner/name)")
+        raise FileNotFoundError(f"{source} is not a model directory, a .gguf file or a hub id (owner/name)")
     return str(source)
 
 
@@ -141,7 +213,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def load_pretrained(path: str | Path | None = None, device: str = "auto", **overrides):
-    """The model at `path` (see `resolve_checkpoint`; None: the default model), in eval mode on `device`
+    """The model at `path` (a checkpoint, a `.gguf` file or an adapter, see `resolve_checkpoint`; None: the
+    default model, `DEFAULT_MODEL`), in eval mode on `device`
     (see `pick_device`), and its tokenizer.
 
     `overrides` replace fields of the saved config, e.g. `mem_layers=[]` for the same weights without
@@ -152,6 +225,14 @@ def load_pretrained(path: str | Path | None = None, device: str = "auto", **over
     from .modeling import LongLlamaForCausalLM
 
     target = pick_device(device)
-    path = resolve_checkpoint(path)
-    model = LongLlamaForCausalLM.from_pretrained(path, **overrides).eval().to(target)
-    return model, AutoTokenizer.from_pretrained(path)
+    if path is None:
+        if not DEFAULT_MODEL.is_dir():
+            raise FileNotFoundError(f"the default memory adapter {DEFAULT_MODEL} is missing (knnmem installed "
+                                    "without its repository?): pass a model")
+        path = DEFAULT_MODEL
+    source = resolve_checkpoint(path)  # an adapter's base
+    if Path(path).is_dir() and read_adapter(path) is not None:
+        model = LongLlamaForCausalLM.from_pretrained(source, adapter=path, **overrides)
+    else:
+        model = LongLlamaForCausalLM.from_pretrained(source, **overrides)
+    return model.eval().to(target), AutoTokenizer.from_pretrained(source)

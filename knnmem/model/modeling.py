@@ -20,7 +20,7 @@ from ..memory.manager import Memory
 from .attention import apply_rotary, attend, group_queries, local_mask, relative_positions, ungroup_queries
 from .cache import LongLlamaCache
 from .config import LongLlamaConfig, check_last_context_length
-from .adapters import read_checkpoint_config
+from .adapters import ADAPTER_FILE, apply_adapter, read_adapter, read_checkpoint_config
 from .positions import POSITION_SCHEMES
 
 KeyValue = tuple[torch.Tensor, torch.Tensor]
@@ -184,17 +184,24 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
         super().__init__(config, *args, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, adapter=None, **kwargs):
         """`PreTrainedModel.from_pretrained` for every checkpoint family of `adapters.FAMILIES`.
 
         Keyword arguments naming config fields (`mem_layers`, `mem_dtype`, ...) override the saved config.
+        `adapter` (a directory saved by `adapters.save_adapter`) sets memory fields and loads its tensors
+        over these base weights.
 
         Raises:
-            ValueError: the config cannot be run (named), or tensors are missing, unexpected or wrongly shaped.
+            ValueError: the config cannot be run (named), tensors are missing, unexpected or wrongly shaped,
+                or the adapter was made for another base model.
         """
+        found = read_adapter(adapter) if adapter is not None else None
+        if adapter is not None and found is None:
+            raise ValueError(f"{adapter} holds no {ADAPTER_FILE}")
         if config is None:
             fields = set(LongLlamaConfig.__annotations__)
             overrides = {name: kwargs.pop(name) for name in list(kwargs) if name in fields}
+            overrides = {**(found or {}).get("config", {}), **overrides}
             config = read_checkpoint_config(pretrained_model_name_or_path, **overrides)
         return_info = kwargs.pop("output_loading_info", False)
         # Mismatched shapes are collected (not raised by transformers) so the error below can name them.
@@ -216,6 +223,8 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
             raise ValueError(
                 f"checkpoint {pretrained_model_name_or_path} does not match its LongLLaMA config: " + "; ".join(problems)
             )
+        if found is not None:
+            apply_adapter(model, adapter, found)
         return (model, info) if return_info else model
 
 

@@ -4,7 +4,8 @@
 `init_from` (a LongLLaMA or LLaMA checkpoint), writing to `out_dir`:
 
     tokenizer/            SentencePiece model + Hugging Face files
-    checkpoint/           the latest checkpoint, Hugging Face layout, plus trainer_state.pt
+    checkpoint/           the latest checkpoint, Hugging Face layout, plus trainer_state.pt (and adapter/:
+                          the trained tensors alone, when only some are trained)
     metrics.jsonl         one record per logged step and per evaluation
     loss.png              training and held-out loss, answer accuracy in the window and in memory
 
@@ -29,13 +30,20 @@ from tqdm.auto import tqdm
 from ..eval.passkey import run_passkey
 from ..ingest.stdlib import stdlib_texts
 from ..memory import CrossBatchMemory, Memory
-from ..model import LongLlamaConfig, LongLlamaForCausalLM, pick_device, read_checkpoint_config
+from ..model import LongLlamaConfig, LongLlamaForCausalLM, pick_device, read_checkpoint_config, resolve_checkpoint
+from ..model.adapters import save_adapter
 from ..plotting import pyplot
 from .data import LOCAL_ANSWER, MEMORY_ANSWER, TrainingData
 from .synthetic import TEMPLATES
 
 
 RUNTIME_FIELDS = ("device", "threads", "data_workers")
+# What `TrainConfig.train_only` may name: which parameters (by name, for a config) are trained.
+TRAINABLE = {
+    "all": lambda name, config: True,
+    "memory_attention": lambda name, config: any(name.startswith(f"model.layers.{i}.self_attn.")
+                                                 for i in config.mem_layers),
+}
 # Evaluation batches are drawn with one seed whatever the training seed, so that runs with different
 # seeds and data mixes are scored on the same batches.
 HELDOUT_SEED = 1
@@ -54,7 +62,8 @@ class TrainConfig:
     window: int = 256
     mem_layers: list[int] = field(default_factory=lambda: [3, 4])
     mem_positionals: bool = True
-    init_from: str | None = None
+    init_from: str | None = None  # a checkpoint directory, .gguf file or adapter to fine-tune
+    train_only: str = "all"  # "memory_attention": train the memory layers' attention only, saved as an adapter
     # FoT.
     cross_batch_range: int = 3
     memory_top_k: int = 0  # > 0: memory layers attend to only the k best cross-batch entries (0: all)
@@ -96,6 +105,10 @@ class TrainConfig:
             raise ValueError("need steps >= 1, warmup_steps >= 0 and min_lr_ratio in [0, 1]")
         if self.cross_batch_range < 0 or self.cross_batch_range >= self.rows:
             raise ValueError(f"cross_batch_range must lie in [0, rows), got {self.cross_batch_range} with {self.rows} rows")
+        if self.train_only not in TRAINABLE:
+            raise ValueError(f"train_only must be one of {sorted(TRAINABLE)}, got {self.train_only!r}")
+        if self.train_only != "all" and not self.init_from:
+            raise ValueError(f"train_only={self.train_only!r} fine-tunes a pretrained model: give init_from too")
         if self.memory_top_k < 0:
             raise ValueError(f"memory_top_k must be >= 0 (0 attends to every cross-batch entry), got {self.memory_top_k}")
 
@@ -121,6 +134,11 @@ def tokenizer_texts(real: str) -> list[str]:
     return real[: 3_000_000].split("\n") + extra * 50
 
 
+def trained_tensors(model: LongLlamaForCausalLM, train_only: str) -> list[str]:
+    """Names of the parameters `train_only` trains (see `TRAINABLE`)."""
+    return [name for name, _ in model.named_parameters() if TRAINABLE[train_only](name, model.config)]
+
+
 def build_model(config: TrainConfig, vocab_size: int) -> LongLlamaForCausalLM:
     """A new model from the config's shape, or `init_from` (LongLLaMA or LLaMA) with the config's memory fields."""
     # As in the published LongLLaMA configs, the last half window of a prompt stays local at generation,
@@ -129,8 +147,9 @@ def build_model(config: TrainConfig, vocab_size: int) -> LongLlamaForCausalLM:
                          max_position_embeddings=config.window, last_context_length=config.window // 2,
                          torch_attention=True)
     if config.init_from:
-        model_config = read_checkpoint_config(config.init_from, **memory_fields)
-        return LongLlamaForCausalLM.from_pretrained(config.init_from, config=model_config, dtype=torch.float32)
+        base = resolve_checkpoint(config.init_from)
+        model_config = read_checkpoint_config(base, **memory_fields)
+        return LongLlamaForCausalLM.from_pretrained(base, config=model_config, dtype=torch.float32)
     model_config = LongLlamaConfig(
         vocab_size=vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
@@ -175,8 +194,12 @@ class Trainer:
         self.device = pick_device(config.device)
         self.model = build_model(config, len(self.tokenizer)).to(self.device)
         self.model.gradient_checkpointing = config.gradient_checkpointing
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        trained = set(trained_tensors(self.model, config.train_only))
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(name in trained)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=config.lr, betas=(0.9, 0.95), eps=1e-8,
@@ -191,7 +214,7 @@ class Trainer:
 
         path = self.out / "tokenizer"
         if self.config.init_from:
-            return AutoTokenizer.from_pretrained(self.config.init_from)
+            return AutoTokenizer.from_pretrained(resolve_checkpoint(self.config.init_from))
         if (path / "tokenizer.json").exists():
             return AutoTokenizer.from_pretrained(str(path))
         return train_tokenizer(tokenizer_texts(real), path, vocab_size=self.config.vocab_size)
@@ -233,6 +256,10 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)
+        if self.config.train_only != "all":  # the trained tensors alone, loadable over the base weights
+            base = Path(self.config.init_from)
+            save_adapter(self.model, tmp / "adapter", base=str(base.resolve()) if base.exists() else str(base),
+                         tensors=trained_tensors(self.model, self.config.train_only))
         torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
                     "config": dataclasses.asdict(self.config)}, tmp / "trainer_state.pt")
         old = self.out / "checkpoint.old"

@@ -1,0 +1,34 @@
+"""Prompts for instruction models: a user message in the tokenizer's chat template, or plain text."""
+
+from __future__ import annotations
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def encode_prompt(tokenizer, prompt: str, *, chat: bool | None = None, answer_prefix: str = "") -> list[int]:
+    """Token ids of `prompt`: as a user turn of the chat template followed by the assistant's turn (with
+    `chat`, by default whenever the tokenizer has a template), else the text itself.
+
+    `answer_prefix` starts the answer (e.g. "The pass key is"), so the model continues it.
+
+    Raises:
+        ValueError: `chat=True` with a tokenizer that has no chat template.
+    """
+    chat = has_chat_template(tokenizer) if chat is None else chat
+    if not chat:
+        return tokenizer(prompt + (" " + answer_prefix if answer_prefix else ""))["input_ids"]
+    if not has_chat_template(tokenizer):
+        raise ValueError("this tokenizer has no chat template: generate without --chat (plain text prompts)")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text + answer_prefix, add_special_tokens=False)["input_ids"]
+
+
+def user_turn_end(tokenizer) -> str:
+    """The template's text between the user's message and the assistant's answer."""
+    marker = "\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                         add_generation_prompt=True)
+    return text.split(marker, 1)[1]
