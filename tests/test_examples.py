@@ -11,6 +11,8 @@ from knnmem.ingest import stdlib_texts
 
 from conftest import sharp_model, tiny_config
 
+pytestmark = pytest.mark.slow  # each example runs end to end
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 

@@ -73,13 +73,20 @@ def read_adapter(path: str | Path) -> dict | None:
     file = Path(path) / ADAPTER_FILE
     if not file.is_file():
         return None
-    try:
-        adapter = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{file}: not valid JSON ({error})") from None
-    if not isinstance(adapter, dict) or not isinstance(adapter.get("config", {}), dict) or "base" not in adapter:
+    adapter = _json_object(file)
+    if not isinstance(adapter.get("config", {}), dict) or "base" not in adapter:
         raise ValueError(f"{file}: expected an object with a base and a config")
     return adapter
+
+
+def _json_object(file: Path) -> dict:
+    try:
+        found = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{file}: not valid JSON ({error})") from None
+    if not isinstance(found, dict):
+        raise ValueError(f"{file}: expected a JSON object")
+    return found
 
 
 def base_fingerprint(model) -> dict:
@@ -183,12 +190,7 @@ def read_checkpoint_config(path: str | Path, **overrides) -> LongLlamaConfig:
         file = Path(cached_file(str(path), "config.json"))
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
-    try:
-        saved = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{file}: not valid JSON ({error})") from None
-    if not isinstance(saved, dict):
-        raise ValueError(f"{file}: expected a JSON object")
+    saved = _json_object(file)
     family = saved.get("model_type")
     if family not in FAMILIES:
         raise ValueError(f"{file}: model_type {family!r} is not supported; knnmem loads {sorted(FAMILIES)}")

@@ -12,7 +12,7 @@ from knnmem.eval.demo import DATA, answer_tokens_predicted
 from knnmem.eval.passkey import passkey_prompt
 from knnmem.train.synthetic import TEMPLATES, entity, value
 
-MODEL = Path(__file__).resolve().parent.parent / "model" / "tiny"
+MODEL = Path(__file__).resolve().parents[2] / "model" / "tiny"
 TRIALS, FILLER_CHARS = 4, 20_000  # about 8k tokens between each fact and its question
 # Measured on 8 such facts: 31 of 35 answer tokens with HNSW32 memory, 5 of 35 from the question alone.
 KNN_AT_LEAST, MARGIN = 0.7, 0.4
@@ -47,6 +47,7 @@ def test_load_pretrained_applies_config_overrides_to_the_same_weights(shipped, t
         knnmem.load_pretrained(tmp_path)
 
 
+@pytest.mark.slow
 def test_shipped_model_retrieves_facts_from_thousands_of_tokens_back_through_knn_memory(shipped):
     model, tokenizer = shipped
     corpus = (DATA / "corpus.jsonl").read_text()

@@ -203,6 +203,7 @@ def test_training_lowers_the_loss_and_writes_metrics(tmp_path):
     assert model.config.mem_layers == [1] and model.config.max_position_embeddings == 32
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(tmp_path):
     config = TrainConfig(**TINY_RUN)
     straight = Trainer(config, tmp_path / "a")
@@ -222,6 +223,7 @@ def test_resume_is_bit_exact(tmp_path):
         Trainer(TrainConfig(**{**TINY_RUN, "lr": 1.0}), tmp_path / "b")
 
 
+@pytest.mark.slow
 def test_parallel_data_loading_changes_nothing_and_runtime_settings_may_change_on_resume(tmp_path):
     serial = Trainer(TrainConfig(**{**TINY_RUN, "eval_every": 100}), tmp_path / "a")
     serial.run()

@@ -265,7 +265,7 @@ while True:
 
 def test_a_killed_writer_never_leaves_a_half_store(model, tmp_path):
     store = tmp_path / "store"
-    script = WRITER.format(tests=str(Path(__file__).parent), store=str(store))
+    script = WRITER.format(tests=str(Path(__file__).parents[1]), store=str(store))  
     seen = set()
     for delay in (0.05, 0.11, 0.17, 0.23, 0.31, 0.37, 0.43, 0.53):
         writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
