@@ -153,7 +153,8 @@ def cmd_compare(args) -> None:
     else:
         raise UsageError("give --text FILE (read with each memory) or --memory STORE")
     ids = tokenizer(text)["input_ids"][: args.max_tokens]
-    rows = compare_memories(model, torch.tensor([ids]), specs, ks=args.k, base=base)
+    rows = compare_memories(model, torch.tensor([ids]), specs, ks=args.k, base=base, codecs=args.codec or [None],
+                            keep_keys=args.keep_keys)
     print(markdown_table(rows))
     if args.report:
         for path in write_report(rows, args.report):
@@ -253,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text read against --memory when no --text is given")
     p.add_argument("--index", action="append", required=True, help="index spec to compare (repeatable)")
     p.add_argument("--k", type=_parse_int_list, default=[DEFAULT_K], help="k values, comma-separated")
+    p.add_argument("--codec", action="append", help="codec each index spec is also compared with, e.g. int8 or "
+                   "int8/pq8 (repeatable; default: the model's memory dtype)")
+    p.add_argument("--keep-keys", type=_parse_bool, default=True, help="Faiss memories keep full keys (default true)")
     p.add_argument("--max-tokens", type=parse_tokens, default=1 << 16, help="read at most this many tokens")
     p.add_argument("--report", help="directory for comparison.json and plots")
     _add_device(p)
