@@ -62,8 +62,9 @@ def compare_memories(model, input_ids: torch.Tensor, specs: list[str], *, ks: li
     Args:
         base: a memory (e.g. a loaded store) whose entries every memory starts with.
         search_params: Faiss search knobs (nprobe, efSearch, ...) applied to every spec that has them.
-        codecs: how each compared memory stores its entries (None: the model's memory dtype); the reference
-            is uncompressed, and its keys judge retrieval (recall, mass) of every other memory.
+        codecs: how each compared memory stores its entries (None: the model's memory dtype). The retrieval
+            (recall, mass) of a memory with a codec or without stored keys is judged by an uncompressed copy of
+            its entries, written beside it.
         keep_keys: whether Faiss memories keep full keys beside their index.
 
     Returns:
@@ -75,9 +76,13 @@ def compare_memories(model, input_ids: torch.Tensor, specs: list[str], *, ks: li
     start = min(model.config.max_position_embeddings, input_ids.shape[1] - 1) if base is None else 0
     labels = input_ids[0, start + 1:]
 
-    def build(spec: str, k: int, codec: str | None = None, reference: Memory | None = None):
+    def build(spec: str, k: int, codec: str | None = None):
         kept = {} if keep_keys or spec in BACKENDS else {"keep_keys": False}  # exact backends need keys
         memory = Memory.create(model, index=spec, k=k, codec=codec, **kept)
+        reference = None
+        if codec is not None or kept:
+            reference = Memory.create(model)
+            memory.add_observers.append(reference.add)
         if search_params and memory.search_params():  # the knobs apply to indexes that have any
             memory.set_search_params(**search_params)
         if base is not None:
@@ -106,7 +111,7 @@ def compare_memories(model, input_ids: torch.Tensor, specs: list[str], *, ks: li
     for spec in specs:
         for codec in codecs:
             for k in ks:
-                built = build(spec, k, codec, reference=dense[0])
+                built = build(spec, k, codec)
                 logits, outputs, seconds = _run(model, input_ids, built[0], start)
                 results.append(row(spec, k, built, logits, outputs, seconds, reference))
     return results

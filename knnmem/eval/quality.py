@@ -34,8 +34,8 @@ class RetrievalProbe:
     Set `enabled = False` to time the index without the exact search beside it.
 
     Args:
-        reference: a memory holding the same entries under the same ids (at least as many), whose keys give
-            the exact answer: full-precision keys judge a compressed memory, and serve one keeping none.
+        reference: a memory receiving the same entries under the same ids, whose keys give the exact answer:
+            full-precision keys judge a compressed memory, and serve one keeping none.
     """
 
     def __init__(self, memory: Memory, *, reference: Memory | None = None):
@@ -56,10 +56,9 @@ class RetrievalProbe:
             self._count(torch.ones(queries.shape[:3]), torch.ones(queries.shape[:3]))
             return
         # The whole memory, overlay included, in the id space of the hits.
-        size = sum(len(e) for e in _entries(self.memory, layer))
         stores = _entries(self.reference or self.memory, layer)
-        keys = torch.cat([e.keys(heads) for e in stores], dim=2)[:, :, :size]  # (B, h, M, D)
-        valid = torch.cat([e.valid for e in stores], dim=1)[:, :size]  # (B, M)
+        keys = torch.cat([e.keys(heads) for e in stores], dim=2)  # (B, h, M, D)
+        valid = torch.cat([e.valid for e in stores], dim=1)  # (B, M)
         _, exact = exact_top_k(queries, keys, valid, self.memory.k)  # (B, h, T, k')
         retrieved = torch.where(hits.valid, hits.ids, torch.full_like(hits.ids, -2))
         exact_valid = valid.gather(1, exact.flatten(1)).view_as(exact)  # top-k may include padding

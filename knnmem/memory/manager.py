@@ -28,6 +28,9 @@ DEFAULT_INDEX = "IVF1024,Flat"
 
 # Called after every search with (layer, queries, heads, hits): how retrieval is measured or explained.
 SearchObserver = Callable[[int, torch.Tensor, slice, MemoryHits], None]
+# Called with every add's (layer, keys, values, valid), before encoding: e.g. to mirror a compressed memory
+# in an uncompressed one that judges its retrieval.
+AddObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 class Document(NamedTuple):
@@ -100,6 +103,7 @@ class Memory:
         }
         self._k = k
         self.observers: list[SearchObserver] = []
+        self.add_observers: list[AddObserver] = []
         self.documents: list[Document] = []  # corpus memories: which ids each document received
         self.provenance: torch.Tensor | None = None  # (entries, 3): document id, position, token id
         self.fingerprint: dict | None = None  # of the model whose keys/values these are (for saving)
@@ -254,6 +258,8 @@ class Memory:
                 self.overlay = self.empty_like("dense" if self.index == "dense" else "torch")
             self.overlay.add(layer, keys, values, valid)
             return
+        for observe in self.add_observers:
+            observe(layer, keys, values, valid)
         ids = self._entries[layer].add(keys, values, valid)
         self._backends[layer].add(ids)
 
