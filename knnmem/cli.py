@@ -79,9 +79,10 @@ def cmd_index(args) -> None:
 
     model, tokenizer = load_pretrained(args.model, args.device)
     spec = check_spec(args.index, model.config.head_dim)
-    memory = index_corpus(model, tokenizer, args.corpus, path=args.out, index=spec, k=args.k,
-                          include=args.include, text_field=args.text_field)
-    print(f"indexed {len(memory.documents)} documents, {len(memory):,} tokens into {args.out} ({args.index}, k={args.k})")
+    memory = index_corpus(model, tokenizer, args.corpus, path=args.out, index=spec, k=args.k, codec=args.codec,
+                          keep_keys=args.keep_keys, include=args.include, text_field=args.text_field)
+    print(f"indexed {len(memory.documents)} documents, {len(memory):,} tokens into {args.out} "
+          f"({args.index}, k={args.k}, codec {memory.codec})")
 
 
 def cmd_generate(args) -> None:
@@ -122,6 +123,7 @@ def cmd_info(args) -> None:
     for field in fields:
         if field in manifest:
             print(f"{field:>15}: {manifest[field]}")
+    print(f"{'codec':>15}: {manifest.get('codec', manifest['dtype'])}")  # stores without one cast to their dtype
     print(f"{'options':>15}: {manifest['options']}")
     for layer, heads in manifest.get("ivf_outliers", {}).items():
         if any(head["radius"] is not None for head in heads):  # the lists are trained
@@ -130,7 +132,7 @@ def cmd_info(args) -> None:
             print(f"{'beyond lists':>15}: layer {layer}: {min(counts):,}-{max(counts):,} entries per head "
                   f"searched exactly (at most {share:.2f}% of entries)")
     sizes = sum(record["bytes"] for record in manifest["files"].values())
-    print(f"{'bytes on disk':>15}: {sizes:,} ({sizes / max(manifest['entries'], 1):,.0f} per entry)")
+    print(f"{'bytes on disk':>15}: {sizes:,} ({sizes / max(manifest['entries'], 1):,.0f} per token)")
     print(f"{'documents':>15}: {len(manifest['documents'])}")
     for doc in manifest["documents"][: args.documents]:
         print(f"  #{doc['id']:<5} {doc['end'] - doc['start']:>9,} tokens  {doc['name']}")
@@ -157,7 +159,8 @@ def cmd_compare(args) -> None:
     else:
         raise UsageError("give --text FILE (read with each memory) or --memory STORE")
     ids = tokenizer(text)["input_ids"][: args.max_tokens]
-    rows = compare_memories(model, torch.tensor([ids]), specs, ks=args.k, base=base)
+    rows = compare_memories(model, torch.tensor([ids]), specs, ks=args.k, base=base, codecs=args.codec or [None],
+                            keep_keys=args.keep_keys)
     print(markdown_table(rows))
     if args.report:
         for path in write_report(rows, args.report):
@@ -230,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="store directory to write, e.g. indexes/NAME")
     p.add_argument("--index", default=DEFAULT_INDEX, help=f"dense, torch or a Faiss factory string (default {DEFAULT_INDEX})")
     p.add_argument("--k", type=parse_positive, default=DEFAULT_K, help=f"entries retrieved per query and head (default {DEFAULT_K})")
+    p.add_argument("--codec", default=None, help="how keys and values are stored: float32, bfloat16, float16, int8, "
+                   "or KEYS/VALUES such as int8/pq8 (default: the model's memory dtype)")
+    p.add_argument("--keep-keys", type=_parse_bool, default=True,
+                   help="keep full keys beside the index (needed to re-index; default true)")
     p.add_argument("--include", default="*.txt", help="file pattern inside folders (default *.txt)")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text (default text)")
     _add_device(p)
@@ -255,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text read against --memory when no --text is given")
     p.add_argument("--index", action="append", required=True, help="index spec to compare (repeatable)")
     p.add_argument("--k", type=_parse_int_list, default=[DEFAULT_K], help="k values, comma-separated")
+    p.add_argument("--codec", action="append", help="codec each index spec is also compared with, e.g. int8 or "
+                   "int8/pq8 (repeatable; default: the model's memory dtype)")
+    p.add_argument("--keep-keys", type=_parse_bool, default=True, help="Faiss memories keep full keys (default true)")
     p.add_argument("--max-tokens", type=parse_tokens, default=1 << 16, help="read at most this many tokens")
     p.add_argument("--report", help="directory for comparison.json and plots")
     _add_device(p)

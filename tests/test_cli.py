@@ -68,13 +68,14 @@ def test_generate_matches_library_generation(model_dir, store, capsys):
 def test_compare_writes_table_json_and_plots(model_dir, corpus, tmp_path, capsys):
     report = tmp_path / "report"
     assert main(["compare", "--model", str(model_dir), "--text", str(corpus / "doc0.txt"), "--index", "Flat",
-                 "--index", "HNSW32", "--k", "4,64", "--report", str(report)]) == 0
+                 "--index", "HNSW32", "--k", "4,64", "--codec", "float32", "--codec", "int8", "--report", str(report)]) == 0
     out = capsys.readouterr().out
-    assert "| dense | all | 1.000 |" in out
+    assert "| dense | float32 | all | 1.000 |" in out
     rows = json.loads((report / "comparison.json").read_text())
-    assert [(r["index"], r["k"]) for r in rows] == [("dense", None), ("Flat", 4), ("Flat", 64), ("HNSW32", 4),
-                                                    ("HNSW32", 64)]
+    assert [(r["index"], r["codec"], r["k"]) for r in rows] == [("dense", "float32", None)] + [
+        (spec, codec, k) for spec in ("Flat", "HNSW32") for codec in ("float32", "int8") for k in (4, 64)]
     flat4, flat64 = rows[1], rows[2]
+    assert 0.8 < rows[3]["recall"] < 1  # int8 keys, judged by the uncompressed ones (k=4 of a sharp random model)
     assert flat4["recall"] > 0.99  # Flat is exact top-k
     assert flat64["output_rel_error"] < flat4["output_rel_error"]  # more entries, closer to dense
     assert (report / "recall_vs_speed.png").stat().st_size > 0 and (report / "error_vs_k.png").stat().st_size > 0

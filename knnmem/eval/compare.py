@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..memory import DEFAULT_K, Memory
+from ..memory import BACKENDS, DEFAULT_K, Memory
 from ..plotting import pyplot
 from .quality import RetrievalProbe
 
@@ -23,6 +23,7 @@ from .quality import RetrievalProbe
 @dataclass
 class Comparison:
     index: str
+    codec: str
     k: int | None
     recall: float
     mass_captured: float
@@ -54,15 +55,20 @@ def _run(model, ids: torch.Tensor, memory: Memory, start: int):
 
 
 def compare_memories(model, input_ids: torch.Tensor, specs: list[str], *, ks: list[int] = (DEFAULT_K,),
-                     base: Memory | None = None, search_params: dict | None = None) -> list[Comparison]:
-    """Compare each index spec (at each k) with the exact dense memory on `input_ids` (1, L).
+                     base: Memory | None = None, search_params: dict | None = None,
+                     codecs: list[str | None] = (None,), keep_keys: bool = True) -> list[Comparison]:
+    """Compare each index spec (at each codec and k) with the exact dense memory on `input_ids` (1, L).
 
     Args:
         base: a memory (e.g. a loaded store) whose entries every memory starts with.
         search_params: Faiss search knobs (nprobe, efSearch, ...) applied to every spec that has them.
+        codecs: how each compared memory stores its entries (None: the model's memory dtype). The retrieval
+            (recall, mass) of a memory with a codec or without stored keys is judged by an uncompressed copy of
+            its entries, written beside it.
+        keep_keys: whether Faiss memories keep full keys beside their index.
 
     Returns:
-        One `Comparison` per (spec, k), the dense reference first.
+        One `Comparison` per (spec, codec, k), the dense reference first.
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must have shape (1, L), got {tuple(input_ids.shape)}")
@@ -70,13 +76,18 @@ def compare_memories(model, input_ids: torch.Tensor, specs: list[str], *, ks: li
     start = min(model.config.max_position_embeddings, input_ids.shape[1] - 1) if base is None else 0
     labels = input_ids[0, start + 1:]
 
-    def build(spec: str, k: int) -> tuple[Memory, RetrievalProbe]:
-        memory = Memory.create(model, index=spec, k=k)
+    def build(spec: str, k: int, codec: str | None = None):
+        kept = {} if keep_keys or spec in BACKENDS else {"keep_keys": False}  # exact backends need keys
+        memory = Memory.create(model, index=spec, k=k, codec=codec, **kept)
+        reference = None
+        if codec is not None or kept:
+            reference = Memory.create(model)
+            memory.add_observers.append(reference.add)
         if search_params and memory.search_params():  # the knobs apply to indexes that have any
             memory.set_search_params(**search_params)
         if base is not None:
             memory.extend(base)
-        return memory, RetrievalProbe(memory)
+        return memory, RetrievalProbe(memory, reference=reference)
 
     def row(spec, k, built, logits, outputs, seconds, reference) -> Comparison:
         memory, probe = built
@@ -85,7 +96,7 @@ def compare_memories(model, input_ids: torch.Tensor, specs: list[str], *, ks: li
         nll = -log_probs[:-1].gather(-1, labels[:, None]).mean() if len(labels) else torch.tensor(float("nan"))
         quality = probe.quality()
         return Comparison(
-            index=spec, k=k, recall=quality.recall, mass_captured=quality.mass_captured,
+            index=spec, codec=memory.codec, k=k, recall=quality.recall, mass_captured=quality.mass_captured,
             output_rel_error=float((outputs - ref_outputs).norm() / ref_outputs.norm().clamp_min(1e-12)),
             top1_agreement=float((logits.argmax(-1) == ref_logits.argmax(-1)).float().mean()),
             kl=float((ref_log_probs.exp() * (ref_log_probs - log_probs)).sum(-1).mean()),
@@ -98,22 +109,23 @@ def compare_memories(model, input_ids: torch.Tensor, specs: list[str], *, ks: li
     reference = (logits, outputs)
     results = [row("dense", None, dense, logits, outputs, seconds, reference)]
     for spec in specs:
-        for k in ks:
-            built = build(spec, k)
-            logits, outputs, seconds = _run(model, input_ids, built[0], start)
-            results.append(row(spec, k, built, logits, outputs, seconds, reference))
+        for codec in codecs:
+            for k in ks:
+                built = build(spec, k, codec)
+                logits, outputs, seconds = _run(model, input_ids, built[0], start)
+                results.append(row(spec, k, built, logits, outputs, seconds, reference))
     return results
 
 
 def markdown_table(rows: list[Comparison]) -> str:
     lines = [
-        "| index | k | recall@k | mass captured | output rel. error | top-1 agreement | KL (nats) | perplexity "
+        "| index | codec | k | recall@k | mass captured | output rel. error | top-1 agreement | KL (nats) | perplexity "
         "| tokens/s | memory MiB | bytes/entry |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.index} | {r.k or 'all'} | {r.recall:.3f} | {r.mass_captured:.3f} | {r.output_rel_error:.4f} "
+            f"| {r.index} | {r.codec} | {r.k or 'all'} | {r.recall:.3f} | {r.mass_captured:.3f} | {r.output_rel_error:.4f} "
             f"| {r.top1_agreement:.3f} | {r.kl:.4f} | {r.perplexity:.2f} | {r.tokens_per_s:,.0f} "
             f"| {r.memory_bytes / 2**20:.1f} | {r.bytes_per_entry:,.0f} |"
         )
@@ -130,15 +142,15 @@ def write_report(rows: list[Comparison], directory: str | Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
         ax.scatter(r.tokens_per_s, r.recall)
-        ax.annotate(f"{r.index} k={r.k or 'all'}", (r.tokens_per_s, r.recall), fontsize=7)
+        ax.annotate(f"{r.index} {r.codec} k={r.k or 'all'}", (r.tokens_per_s, r.recall), fontsize=7)
     ax.set(xlabel="tokens/s (reading the input)", ylabel="recall@k", title="Recall against speed")
     fig.tight_layout()
     fig.savefig(directory / "recall_vs_speed.png", dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for spec in dict.fromkeys(r.index for r in rows if r.k):
-        points = sorted((r.k, r.output_rel_error) for r in rows if r.index == spec)
-        ax.plot(*zip(*points), marker="o", label=spec)
+    for spec, codec in dict.fromkeys((r.index, r.codec) for r in rows if r.k):
+        points = sorted((r.k, r.output_rel_error) for r in rows if (r.index, r.codec) == (spec, codec))
+        ax.plot(*zip(*points), marker="o", label=f"{spec} {codec}")
     ax.set(xlabel="k", ylabel="relative error of memory-layer outputs", title="Error against k", xscale="log")
     ax.legend()
     fig.tight_layout()

@@ -32,10 +32,14 @@ class RetrievalProbe:
     """Measures a memory's retrieval against exact top-k while the model runs; attach with `RetrievalProbe(memory)`.
 
     Set `enabled = False` to time the index without the exact search beside it.
+
+    Args:
+        reference: a memory receiving the same entries under the same ids, whose keys give the exact answer:
+            full-precision keys judge a compressed memory, and serve one keeping none.
     """
 
-    def __init__(self, memory: Memory):
-        self.memory = memory
+    def __init__(self, memory: Memory, *, reference: Memory | None = None):
+        self.memory, self.reference = memory, reference
         self.enabled = True
         self.reset()
         memory.observers.append(self)
@@ -52,8 +56,9 @@ class RetrievalProbe:
             self._count(torch.ones(queries.shape[:3]), torch.ones(queries.shape[:3]))
             return
         # The whole memory, overlay included, in the id space of the hits.
-        keys = torch.cat([e.keys(heads) for e in _entries(self.memory, layer)], dim=2)  # (B, h, M, D)
-        valid = torch.cat([e.valid for e in _entries(self.memory, layer)], dim=1)  # (B, M)
+        stores = _entries(self.reference or self.memory, layer)
+        keys = torch.cat([e.keys(heads) for e in stores], dim=2)  # (B, h, M, D)
+        valid = torch.cat([e.valid for e in stores], dim=1)  # (B, M)
         _, exact = exact_top_k(queries, keys, valid, self.memory.k)  # (B, h, T, k')
         retrieved = torch.where(hits.valid, hits.ids, torch.full_like(hits.ids, -2))
         exact_valid = valid.gather(1, exact.flatten(1)).view_as(exact)  # top-k may include padding

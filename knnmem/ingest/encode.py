@@ -46,7 +46,8 @@ def encode_documents(
     for tokens, name in zip(documents, names):
         if not tokens:
             raise ValueError(f"document {name!r} has no tokens")
-        scratch = memory.empty_like("dense")  # the document's own earlier windows only
+        # The document's own earlier windows only, as the model wrote them (encoded once, into `memory`).
+        scratch = memory.empty_like("dense", codec=None, keep_keys=True)
         ids = torch.tensor(tokens, dtype=torch.long, device=device)[None]
         model(input_ids=ids, memory=scratch, use_cache=False)
         start = len(memory)

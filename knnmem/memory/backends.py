@@ -20,6 +20,8 @@ def make_backend(spec: str, entries: EntryStore, *, k: int, **options) -> LayerM
         ValueError: the spec is not a backend, or options were given to an exact backend.
     """
     if spec in BACKENDS:
+        if not entries.keep_keys:
+            raise ValueError(f"index {spec!r} searches the stored keys exactly: it needs keep_keys=True")
         given = sorted(name for name, value in options.items() if value not in (None, {}))
         if given:
             raise ValueError(f"index {spec!r} takes no Faiss options, got {given}")

@@ -15,84 +15,132 @@ from .codecs import CastCodec, Codec
 
 
 class EntryStore:
-    """Keys/values (B, H, capacity, D) encoded by `codec`, and valid flags (B, capacity), filled up to `len(self)`.
+    """Keys/values (B, H, capacity, ·) encoded by their codecs, and valid flags (B, capacity), filled up to `len(self)`.
 
     Appending grows the arrays by doubling (amortised O(window) per append). When the new entries
     require grad (training through memory), appends are out of place so autograd keeps every window.
+    A value codec that needs training (product quantization) is trained once `train_size` valid
+    entries exist, and every value stored so far is encoded then.
+
+    Args:
+        codec: a dtype (cast codec), one codec for keys and values, or a (keys, values) pair.
+        keep_keys: keep every key. Without, keys are held only until the index over them says it holds
+            them (`drop_keys`), and afterwards only those of the latest append, for the index to read.
     """
 
-    def __init__(self, *, num_heads: int, head_dim: int, codec: Codec | torch.dtype):
-        self.num_heads, self.head_dim = num_heads, head_dim
-        self.codec = codec if not isinstance(codec, torch.dtype) else CastCodec(codec)
+    def __init__(self, *, num_heads: int, head_dim: int, codec: Codec | torch.dtype | tuple[Codec, Codec],
+                 keep_keys: bool = True):
+        self.num_heads, self.head_dim, self.keep_keys = num_heads, head_dim, keep_keys
+        if isinstance(codec, torch.dtype):
+            codec = CastCodec(codec)
+        self.key_codec, self.value_codec = codec if isinstance(codec, tuple) else (codec, codec)
         self.reset()
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.codec.dtype
 
     def reset(self) -> None:
         self._keys = self._values = self._valid = None
         self._size = 0
+        self._key_start = 0  # ids below it have no key held (see `drop_keys`)
 
     def __len__(self) -> int:
         return self._size
 
     @property
     def batch_size(self) -> int | None:
-        return None if self._keys is None else self._keys.shape[0]
+        return None if self._values is None else self._values.shape[0]
 
     @property
     def device(self) -> torch.device | None:
-        return None if self._keys is None else self._keys.device
+        return None if self._values is None else self._values.device
+
+    @property
+    def has_keys(self) -> bool:
+        """Whether every stored key is held (exact search, re-indexing and re-ranking need them)."""
+        return self._key_start == 0
+
+    def _check_keys(self) -> None:
+        if not self.has_keys:
+            raise ValueError("this memory does not keep its keys (keep_keys=False): only its index holds them, so "
+                             "it cannot be searched exactly, re-ranked or re-indexed; build it with keep_keys=True")
 
     def keys(self, heads: slice = slice(None)) -> torch.Tensor:
         """(B, h, M, D) stored keys of `heads`, decoded."""
-        return self.codec.decode(self._keys[:, heads, : self._size])
+        self._check_keys()
+        return self.key_codec.decode(self._keys[:, heads, : self._size], heads)
+
+    def keys_of(self, ids: range) -> torch.Tensor:
+        """(B, H, T, D) keys of consecutive `ids`, decoded: held even without `keep_keys` for the latest append."""
+        if ids.start < self._key_start:
+            self._check_keys()
+        return self.key_codec.decode(self._keys[:, :, ids.start - self._key_start : ids.stop - self._key_start])
 
     def values(self, heads: slice = slice(None)) -> torch.Tensor:
         """(B, h, M, D) stored values of `heads`, decoded."""
-        return self.codec.decode(self._values[:, heads, : self._size])
+        return self.value_codec.decode(self._values[:, heads, : self._size], heads)
 
     @property
     def valid(self) -> torch.Tensor:
         """(B, M) True for entries that may receive attention."""
         return self._valid[:, : self._size]
 
-    def encoded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, H, M, ·) keys and values exactly as stored, for persistence."""
-        return self._keys[:, :, : self._size], self._values[:, :, : self._size]
+    def encoded(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(B, H, M, ·) keys (None when not all are held) and values exactly as stored, for persistence."""
+        keys = self._keys[:, :, : self._size] if self.has_keys else None
+        return keys, self._values[:, :, : self._size]
 
-    def attach(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
-        """Adopt already encoded (e.g. memory-mapped) keys/values (B, H, M, ·) and valid (B, M) without copying."""
+    def attach(self, keys: torch.Tensor | None, values: torch.Tensor, valid: torch.Tensor) -> None:
+        """Adopt already encoded (e.g. memory-mapped) keys (None: not kept), values (B, H, M, ·) and
+        valid (B, M) without copying."""
         self._keys, self._values, self._valid = keys, values, valid
-        self._size = keys.shape[2]
+        self._size = values.shape[2]
+        self._key_start = 0 if keys is not None else self._size
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> range:
         """Append keys/values (B, H, T, D) and valid (B, T); returns the ids given to them."""
-        keys, values, valid = self.codec.encode(keys), self.codec.encode(values), valid.bool()
+        keys, values, valid = self.key_codec.encode(keys), self.value_codec.encode(values), valid.bool()
         start, end = self._size, self._size + keys.shape[2]
         if keys.requires_grad or values.requires_grad:
             self._keys = keys if not start else torch.cat([self._keys[:, :, :start], keys], dim=2)
             self._values = values if not start else torch.cat([self._values[:, :, :start], values], dim=2)
             self._valid = valid if not start else torch.cat([self.valid, valid], dim=1)
         else:
-            if self._keys is None or end > self._keys.shape[2]:
-                self._grow(keys, max(end, 2 * start))
-            self._keys[:, :, start:end] = keys
+            if self._values is None or end > self._values.shape[2]:
+                self._grow(keys, values, max(end, 2 * start))
+            if self.has_keys:
+                self._keys[:, :, start:end] = keys
+            else:  # the index reads them once, from `keys_of`
+                self._keys, self._key_start = keys, start
             self._values[:, :, start:end] = values
             self._valid[:, start:end] = valid
         self._size = end
+        codec = self.value_codec
+        if not codec.trained and int(self.valid.sum()) >= max(codec.train_size, 1):
+            self._train_values()
         return range(start, end)
 
-    def _grow(self, like: torch.Tensor, capacity: int) -> None:
-        shape = (like.shape[0], self.num_heads, capacity, like.shape[-1])  # (B, H, capacity, ·)
-        keys = like.new_empty(shape)
-        values = like.new_empty(shape)
-        valid = torch.zeros((like.shape[0], capacity), dtype=torch.bool, device=like.device)
+    def _train_values(self) -> None:
+        values = self.values()  # (B, H, M, D), staged in the memory's dtype
+        self.value_codec.train(values.transpose(0, 1)[:, self.valid])  # (H, valid entries of every row, D)
+        self._values = self.value_codec.encode(values)
+
+    def drop_keys(self) -> None:
+        """Release the keys (`keep_keys=False`): the index over them holds them now."""
+        if self.keep_keys:
+            raise AssertionError("drop_keys on a store that keeps its keys")
+        self._keys, self._key_start = None, self._size
+
+    def _grow(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
+        def grown(like: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
+            array = like.new_empty((like.shape[0], self.num_heads, capacity, like.shape[-1]))  # (B, H, capacity, ·)
+            if self._size:
+                array[:, :, : self._size] = old[:, :, : self._size]
+            return array
+
+        valid = torch.zeros((values.shape[0], capacity), dtype=torch.bool, device=values.device)
         if self._size:
-            keys[:, :, : self._size], values[:, :, : self._size] = self.encoded()
             valid[:, : self._size] = self.valid
-        self._keys, self._values, self._valid = keys, values, valid
+        if self.has_keys:
+            self._keys = grown(keys, self._keys)
+        self._values, self._valid = grown(values, self._values), valid
 
     def take(self, ids: torch.Tensor, heads: slice, *, keys: bool = False):
         """Entries `ids` (B, h, T, K) of `heads`, -1 for none: values (B, h, T, K, D) and valid (B, h, T, K),
@@ -101,28 +149,33 @@ class EntryStore:
         flat = ids.clamp_min(0).reshape(batch, num_heads, num_queries * k)  # (B, h, T*K)
         valid = self.valid[:, None, :].expand(-1, num_heads, -1).gather(2, flat).view_as(ids) & (ids >= 0)
 
-        def gather(stored: torch.Tensor) -> torch.Tensor:
+        def gather(stored: torch.Tensor, codec: Codec) -> torch.Tensor:
             index = flat[..., None].expand(-1, -1, -1, stored.shape[-1])
             picked = stored[:, heads, : self._size].gather(2, index)
-            return self.codec.decode(picked).view(batch, num_heads, num_queries, k, -1)
+            return codec.decode(picked, heads).view(batch, num_heads, num_queries, k, -1)
 
-        values = gather(self._values)
-        return (gather(self._keys), values, valid) if keys else (values, valid)
+        values = gather(self._values, self.value_codec)
+        if not keys:
+            return values, valid
+        self._check_keys()
+        return gather(self._keys, self.key_codec), values, valid
 
     def chunks(self, size: int = 1 << 20) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(keys, values, valid) of consecutive entries, at most `size` at a time, decoded."""
+        self._check_keys()
         for start in range(0, self._size, size):
             end = min(start + size, self._size)
-            yield (self.codec.decode(self._keys[:, :, start:end]), self.codec.decode(self._values[:, :, start:end]),
+            yield (self.key_codec.decode(self._keys[:, :, start:end]), self.value_codec.decode(self._values[:, :, start:end]),
                    self._valid[:, start:end])
 
     def nbytes(self) -> int:
         if not self._size:
             return 0
         keys, values = self.encoded()
-        return keys.nbytes + values.nbytes + self.valid.nbytes
+        return (keys.nbytes if keys is not None else 0) + values.nbytes + self.valid.nbytes
 
     def reorder_rows(self, index: torch.Tensor) -> None:
-        if self._keys is not None:
-            index = index.to(self._keys.device)
-            self._keys, self._values, self._valid = self._keys[index], self._values[index], self._valid[index]
+        if self._values is not None:
+            index = index.to(self._values.device)
+            self._values, self._valid = self._values[index], self._valid[index]
+            self._keys = self._keys[index] if self._keys is not None else None

@@ -65,6 +65,12 @@ def default_search_params(index: faiss.Index, k: int) -> dict:
     return {}
 
 
+def _parallel(work: Callable, tasks) -> None:
+    """`work(task)` for every task, in the thread pool: one per (row, head) index, as Faiss releases the GIL."""
+    with _single_threaded_faiss():
+        list(_POOL.map(work, tasks))
+
+
 @contextmanager
 def _single_threaded_faiss():
     # Searches run in parallel across (row, head); OpenMP threads inside each search only slow them down.
@@ -88,6 +94,8 @@ class FaissMemory:
             indexes search with `efSearch=k` and IVF indexes probe `nprobe=nlist/32` lists: Faiss's
             defaults (16 and 1) keep far too few candidates for k=128 (the README's index measurements
             show what they cost).
+        rerank: candidates fetched from the index per result, scored exactly from the stored keys, the best
+            k kept. 1 (default) fetches k: the index picks the entries and stored keys only score them.
         Entries that reach an IVF index after its training and lie farther from their list's centroid than
         any training entry did (content unlike everything the lists were trained on, such as a number
         in a memory of prose) are also searched exactly with every query, and merged by score: probing
@@ -99,6 +107,11 @@ class FaissMemory:
             score were lower by (|k|² - R²) / 2. Default:
             on for IVF indexes storing full vectors (`IVF...,Flat`), where it raises recall@128 on the
             model's queries from 0.6 to 0.95 at the same cost; off otherwise.
+
+    When the entry store does not keep its keys (`keep_keys=False`), it drops them once every row's index is
+    trained and holds them; retrieved entries are then scored by the index (exactly for `Flat` codes,
+    approximately for PQ/SQ codes), and the keys of IVF outliers are kept in a small flat index per head.
+    Rows then always search their index, even when it holds no more than k entries.
     """
 
     def __init__(
@@ -110,12 +123,18 @@ class FaissMemory:
         train_size: int | None = None,
         search_params: dict | None = None,
         l2_reduction: bool | None = None,
+        rerank: int = 1,
     ):
-        self.entries = entries
+        if not isinstance(rerank, int) or isinstance(rerank, bool) or rerank < 1:
+            raise ValueError(f"rerank must be a positive integer (candidates per result), got {rerank!r}")
+        if rerank > 1 and not entries.keep_keys:
+            raise ValueError(f"rerank={rerank} scores candidates from stored keys: it needs keep_keys=True")
+        self.entries, self.rerank = entries, rerank
         probe = new_index(spec, entries.head_dim)  # type, lists and training needs are those of the reduced index too
         if l2_reduction is None:
             l2_reduction = isinstance(faiss.downcast_index(probe), faiss.IndexIVFFlat)
         self.spec, self.k, self.l2_reduction = spec, k, l2_reduction
+        self._index_dim = entries.head_dim + 1 if l2_reduction else entries.head_dim
         self.train_size = 39 * centroids(probe, spec) if train_size is None else train_size  # Faiss's advice
         ivf = faiss.try_extract_index_ivf(probe)
         if ivf is not None and self.train_size < ivf.nlist:
@@ -125,6 +144,7 @@ class FaissMemory:
         self._bounds: list[list[float | None]] = []  # [row][head]: R of the L2 reduction
         self._radii: list[list[float | None]] = []  # [row][head]: farthest training entry from its IVF centroid
         self._outliers: list[list[np.ndarray]] = []  # [row][head]: ids of later entries beyond that radius
+        self._outlier_keys: list[list[faiss.Index]] = []  # [row][head]: their keys as indexed, without keep_keys
         self._pending: Callable[[], tuple] | None = None
         self._warned_outliers = False
         self._search_params: dict = {}
@@ -147,7 +167,8 @@ class FaissMemory:
         return sum(faiss.serialize_index(index).nbytes for row in self._rows for index in row)
 
     def reset(self) -> None:
-        self._rows, self._bounds, self._radii, self._outliers, self._pending = [], [], [], [], None
+        self._rows, self._bounds, self._radii, self._outliers, self._outlier_keys = [], [], [], [], []
+        self._pending = None
 
     def close(self) -> None:
         self.reset()  # drops the indexes and with them any memory-mapped index file
@@ -164,7 +185,8 @@ class FaissMemory:
         return dict(self._search_params)
 
     def options(self) -> dict:
-        return dict(train_size=self.train_size, l2_reduction=self.l2_reduction, **self._search_params)
+        rerank = {"rerank": self.rerank} if self.rerank > 1 else {}
+        return dict(train_size=self.train_size, l2_reduction=self.l2_reduction, **rerank, **self._search_params)
 
     def set_search_params(self, **params) -> None:
         """Set Faiss search parameters (e.g. `efSearch=128`, `nprobe=64`) on every index."""
@@ -181,16 +203,20 @@ class FaissMemory:
             self._bounds.append([None] * heads)
             self._radii.append([None] * heads)
             self._outliers.append([np.zeros(0, dtype=np.int64) for _ in range(heads)])
-        keys = self.entries.keys()[:, :, ids.start : ids.stop].detach().float().cpu()  # (B, H, T, D) as stored
+            self._outlier_keys.append([faiss.IndexFlatIP(self._index_dim) for _ in range(heads)])
+        keys = self.entries.keys_of(ids).detach().float().cpu()  # (B, H, T, D) as stored
         valid = self.entries.valid[:, ids.start : ids.stop].cpu()
+        tasks = []
         for b, row in enumerate(self._rows):
             if not row[0].is_trained:
                 self._maybe_train(b)  # trains on (and inserts) everything stored so far
                 continue
             sel = valid[b]
             row_ids = np.arange(ids.start, ids.stop, dtype=np.int64)[sel.numpy()]
-            for h in range(len(row)):
-                self._insert(b, h, keys[b, h, sel].numpy(), row_ids)
+            tasks += [(b, h, keys[b, h, sel].numpy(), row_ids) for h in range(len(row))]
+        _parallel(lambda task: self._insert(*task), tasks)
+        if not self.entries.keep_keys and all(row[0].is_trained for row in self._rows):
+            self.entries.drop_keys()
 
     def _maybe_train(self, b: int) -> None:
         sel = self.entries.valid[b].cpu()
@@ -198,13 +224,16 @@ class FaissMemory:
             return
         row_ids = np.flatnonzero(sel.numpy()).astype(np.int64)
         stored = self.entries.keys()[b].detach().float().cpu()  # (H, M, D)
-        for h, index in enumerate(self._rows[b]):
-            vectors = stored[h, sel].numpy()
+
+        def train(h: int) -> None:
+            index, vectors = self._rows[b][h], stored[h, sel].numpy()
             reduced = self._index_vectors(b, h, vectors)
             index.train(reduced)
             self._insert(b, h, vectors, row_ids)  # no radius yet: the training entries are not compared
             distances = _centroid_distances(index, reduced)
             self._radii[b][h] = None if distances is None else float(distances.max(initial=0.0))
+
+        _parallel(train, range(len(self._rows[b])))
 
     def _index_vectors(self, b: int, h: int, keys: np.ndarray) -> np.ndarray:
         """Keys (n, D) as the index stores them."""
@@ -223,7 +252,10 @@ class FaissMemory:
         self._rows[b][h].add_with_ids(reduced, ids)
         distances = None if self._radii[b][h] is None else _centroid_distances(self._rows[b][h], reduced)
         if distances is not None:
-            self._outliers[b][h] = np.concatenate([self._outliers[b][h], ids[distances > self._radii[b][h]]])
+            beyond = distances > self._radii[b][h]
+            self._outliers[b][h] = np.concatenate([self._outliers[b][h], ids[beyond]])
+            if not self.entries.keep_keys:
+                self._outlier_keys[b][h].add(np.ascontiguousarray(reduced[beyond]))
             tracked, total = len(self._outliers[b][h]), self._rows[b][h].ntotal
             if tracked > max(OUTLIER_WARNING_SHARE * total, OUTLIER_WARNING_MIN) and not self._warned_outliers:
                 self._warned_outliers = True
@@ -239,7 +271,9 @@ class FaissMemory:
         k = min(self.k, len(self.entries))
         # Rows an index answers: trained, and holding more entries than k (else the top k are all of
         # them, which an approximate index such as HNSW may not return in full). Others are exact.
-        indexed = [b for b in range(batch) if self._rows[b][0].is_trained and self._rows[b][0].ntotal > self.k]
+        # Without stored keys every trained row is searched by its index, which holds them.
+        indexed = [b for b in range(batch) if self._rows[b][0].is_trained
+                   and (self._rows[b][0].ntotal > self.k or not self.entries.has_keys)]
         if len(indexed) < batch:
             exact = top_k_hits(self.entries, queries, heads, k)
             if not indexed:
@@ -250,30 +284,44 @@ class FaissMemory:
             queries32 = torch.cat([queries32, queries32.new_zeros(queries32.shape[:-1] + (1,))], dim=-1)
         queries32 = queries32.numpy()
         first_head = heads.start or 0
-        found: dict[tuple[int, int], np.ndarray] = {}
+        listed = k * self.rerank  # candidates the lists return per query
+        found: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
         def search_one(task):
             b, j = task
-            index = self._rows[b][first_head + j]
-            candidates = index.search(np.ascontiguousarray(queries32[b, j]), k)[1]  # (T, k), -1 where fewer
-            outliers = self._outliers[b][first_head + j]
-            if len(outliers):  # scored exactly with the candidates below, and the best k kept
-                candidates = np.concatenate([candidates, np.broadcast_to(outliers, (num_queries, len(outliers)))], 1)
-            found[b, j] = candidates
+            h, q = first_head + j, np.ascontiguousarray(queries32[b, j])
+            distances, candidates = self._rows[b][h].search(q, listed)  # (T, listed), -1 where fewer
+            outliers = self._outliers[b][h]
+            if self.entries.has_keys:  # outliers are scored exactly with the candidates below, the best k kept
+                if len(outliers):
+                    candidates = np.concatenate([candidates, np.broadcast_to(outliers, (num_queries, len(outliers)))], 1)
+                found[b, j] = candidates, None
+                return
+            scores = self._scores(b, h, q, distances)
+            if len(outliers):  # their keys are in a flat index: its best k compete with the lists' by score
+                exact_scores, positions = self._outlier_keys[b][h].search(q, min(k, len(outliers)))
+                candidates = np.concatenate([candidates, outliers[positions]], 1)
+                scores = np.concatenate([scores, exact_scores], 1)
+            found[b, j] = candidates, scores
 
-        with _single_threaded_faiss():
-            list(_POOL.map(search_one, [(b, j) for b in indexed for j in range(num_heads)]))
-        width = max(c.shape[1] for c in found.values())
+        _parallel(search_one, [(b, j) for b in indexed for j in range(num_heads)])
+        width = max(c.shape[1] for c, _ in found.values())
         ids = torch.full((batch, num_heads, num_queries, width), -1, dtype=torch.long)
-        for (b, j), candidates in found.items():
+        scores = torch.full(ids.shape, float("-inf"))
+        for (b, j), (candidates, found_scores) in found.items():
             ids[b, j, :, : candidates.shape[1]] = torch.from_numpy(candidates)
+            if found_scores is not None:
+                scores[b, j, :, : candidates.shape[1]] = torch.from_numpy(found_scores)
         ids = ids.to(queries.device)
-        # Each candidate is scored once, in torch, as attention would score it.
-        keys, values, valid = self.entries.take(ids, heads, keys=True)
-        scores = torch.einsum("bhtd,bhtkd->bhtk", queries, keys.to(queries.dtype)).float()
+        if self.entries.has_keys:  # each candidate is scored once, in torch, as attention would score it
+            keys, values, valid = self.entries.take(ids, heads, keys=True)
+            scores = torch.einsum("bhtd,bhtkd->bhtk", queries, keys.to(queries.dtype)).float()
+        else:  # scored by the index
+            values, valid = self.entries.take(ids, heads)
+            scores = scores.to(queries.device)
         if width > k:
             # Outliers may repeat an id the lists returned: keep each id's first occurrence only.
-            repeated = _repeats(ids, k)
+            repeated = _repeats(ids, listed)
             scores = scores.masked_fill(~valid | repeated, float("-inf"))
             scores, order = scores.topk(k, dim=-1)
             ids, values = ids.gather(-1, order), values.gather(-2, order[..., None].expand(-1, -1, -1, -1, values.shape[-1]))
@@ -285,6 +333,13 @@ class FaissMemory:
                                       for mine, theirs in zip(hits[1:], exact[1:])))
         return hits
 
+    def _scores(self, b: int, h: int, queries: np.ndarray, distances: np.ndarray) -> np.ndarray:
+        """Faiss distances (T, n) of queries (T, ·) as inner products q·k (see the L2 reduction)."""
+        if not self.l2_reduction:
+            return distances
+        norms_sq = (queries.astype(np.float64) ** 2).sum(1, keepdims=True)  # |q'|² = |q|²: its extra coordinate is 0
+        return ((norms_sq + self._bounds[b][h] - distances) / 2).astype(np.float32)
+
     def export_state(self) -> tuple[dict, dict]:
         """Per head: a CPU copy of its index (named `head<h>.faiss`), and the L2-reduction bound and
         IVF outliers ({"radius": training radius or None, "ids": ids searched exactly}) as metadata.
@@ -294,20 +349,23 @@ class FaissMemory:
         if len(self._rows) != 1:
             raise ValueError(f"a store holds one memory row, this memory has {len(self._rows)}")
         indexes = {f"head{h}.faiss": _to_cpu(index) for h, index in enumerate(self._rows[0])}
+        if not self.entries.keep_keys:
+            indexes.update({f"head{h}.outliers.faiss": index for h, index in enumerate(self._outlier_keys[0])})
         outliers = [{"radius": radius, "ids": ids.tolist()} for radius, ids in zip(self._radii[0], self._outliers[0])]
         return indexes, {"l2_bounds": list(self._bounds[0]), "ivf_outliers": outliers}
 
     def import_state(self, load: Callable[[], tuple[dict, dict]]) -> None:
         """Adopt indexes built over the entries of the entry store (one row), as `load()` returns them on first
         search: a store opens without reading them. Stores written before outliers were tracked track none."""
-        self._pending = lambda: _unpack_state(*load(), self.entries.num_heads)
+        self._pending = lambda: _unpack_state(*load(), self.entries.num_heads, self._index_dim)
 
-    def _adopt(self, rows, bounds, outliers) -> None:
+    def _adopt(self, rows, bounds, outliers, outlier_keys) -> None:
         device = self.entries.device
         self._rows = [[_on_device(index, device) for index in row] for row in rows]
         self._bounds = [list(b) for b in bounds]
         self._radii = [[head["radius"] for head in row] for row in outliers]
         self._outliers = [[np.asarray(head["ids"], dtype=np.int64) for head in row] for row in outliers]
+        self._outlier_keys = outlier_keys
         for row in self._rows:
             for index in row:
                 _apply_params(faiss.downcast_index(index.index), self._search_params)
@@ -317,17 +375,24 @@ class FaissMemory:
         self._bounds = [list(self._bounds[i]) for i in index.tolist()]
         self._radii = [list(self._radii[i]) for i in index.tolist()]
         self._outliers = [list(self._outliers[i]) for i in index.tolist()]
+        self._outlier_keys = [_clone_row(self._outlier_keys[i]) for i in index.tolist()]
 
 
-def _unpack_state(indexes: dict, metadata: dict, heads: int) -> tuple[list, list, list]:
+def _unpack_state(indexes: dict, metadata: dict, heads: int, dim: int) -> tuple[list, list, list, list]:
     """`export_state`'s (indexes, metadata) of one row as [row][head] lists."""
     row = [indexes[f"head{h}.faiss"] for h in range(heads)]
     outliers = metadata.get("ivf_outliers") or [{"radius": None, "ids": []} for _ in range(heads)]
-    return [row], [list(metadata["l2_bounds"])], [outliers]
+    outlier_keys = []
+    for h, head in enumerate(outliers):
+        keys = indexes.get(f"head{h}.outliers.faiss")
+        if keys is not None and keys.ntotal != len(head["ids"]):
+            raise ValueError(f"the outlier keys of head {h} hold {keys.ntotal} entries, its outlier list {len(head['ids'])}")
+        outlier_keys.append(faiss.IndexFlatIP(dim) if keys is None else keys)
+    return [row], [list(metadata["l2_bounds"])], [outliers], [outlier_keys]
 
 
 def _repeats(ids: torch.Tensor, k: int) -> torch.Tensor:
-    """(..., n) True where an id among the last n - k (outliers, distinct) repeats one of the first k."""
+    """(..., n) True where an id among the last n - k (outliers, distinct) repeats one of the first k (listed)."""
     repeated = (ids[..., k:, None] == ids[..., None, :k]).any(-1)  # (..., n - k)
     return torch.cat([torch.zeros_like(ids[..., :k], dtype=torch.bool), repeated], dim=-1)
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 import torch
 
 from .backends import BACKENDS, make_backend
+from .codecs import codec_spec, make_codecs
 from .entries import EntryStore
 from .protocol import LayerMemory, MemoryHits
 
@@ -27,6 +28,9 @@ DEFAULT_INDEX = "IVF1024,Flat"
 
 # Called after every search with (layer, queries, heads, hits): how retrieval is measured or explained.
 SearchObserver = Callable[[int, torch.Tensor, slice, MemoryHits], None]
+# Called with every add's (layer, keys, values, valid), before encoding: e.g. to mirror a compressed memory
+# in an uncompressed one that judges its retrieval.
+AddObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 class Document(NamedTuple):
@@ -48,7 +52,13 @@ class Memory:
     Args:
         layers: indices of the memory layers.
         num_heads, head_dim: key/value heads of those layers and their dimension.
-        dtype: dtype in which keys and values are stored.
+        dtype: dtype of keys and values as attention reads them (and as stored unless `codec` says otherwise).
+        codec: how stored keys and values are encoded (see `knnmem.memory.codecs.make_codecs`): "float32",
+            "bfloat16", "float16", "int8", or "KEYS/VALUES" such as "int8/pq8" (product-quantized values).
+            Default: the cast codec of `dtype`.
+        keep_keys: keep every key in the entry store beside the index. Needed by exact search (`dense`,
+            `torch`), re-indexing and `rerank`; without (Faiss specs only), the index's copy of the keys
+            (its codes) is the only one, and the store is smaller by the keys' bytes.
         index: `"dense"`, `"torch"` or a Faiss factory string (inner-product metric).
         k: entries retrieved per query and head (top-k backends).
         train_size: entries a row needs before IVF/PQ indexes are trained (default: 39 per centroid).
@@ -69,19 +79,31 @@ class Memory:
         k: int = DEFAULT_K,
         train_size: int | None = None,
         l2_reduction: bool | None = None,
+        codec: str | None = None,
+        keep_keys: bool = True,
+        rerank: int = 1,
         **search_params,
     ):
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         self.layers = tuple(layers)
         self.num_heads, self.head_dim, self.dtype, self.index = num_heads, head_dim, dtype, index
-        self._entries = {layer: EntryStore(num_heads=num_heads, head_dim=head_dim, codec=dtype) for layer in self.layers}
-        options = dict(train_size=train_size, l2_reduction=l2_reduction, search_params=search_params)
+        if not isinstance(keep_keys, bool):
+            raise ValueError(f"keep_keys must be true or false, got {keep_keys!r}")
+        def codecs():  # each layer trains its own (product quantization)
+            return make_codecs(codec, num_heads=num_heads, head_dim=head_dim, dtype=dtype)
+
+        self.codec = codec_spec(*codecs())  # validated even without memory layers
+        self._entries = {layer: EntryStore(num_heads=num_heads, head_dim=head_dim, codec=codecs(), keep_keys=keep_keys)
+                         for layer in self.layers}
+        options = dict(train_size=train_size, l2_reduction=l2_reduction, search_params=search_params,
+                       **({"rerank": rerank} if rerank != 1 else {}))
         self._backends: dict[int, LayerMemory] = {
             layer: make_backend(index, self._entries[layer], k=k, **options) for layer in self.layers
         }
         self._k = k
         self.observers: list[SearchObserver] = []
+        self.add_observers: list[AddObserver] = []
         self.documents: list[Document] = []  # corpus memories: which ids each document received
         self.provenance: torch.Tensor | None = None  # (entries, 3): document id, position, token id
         self.fingerprint: dict | None = None  # of the model whose keys/values these are (for saving)
@@ -106,8 +128,8 @@ class Memory:
         return memory
 
     def empty_like(self, index: str | None = None, **options) -> "Memory":
-        """An empty memory of the same geometry and dtype (and spec and options unless `index` is given)."""
-        options = {"k": self.k, **(self.options() if index is None else {}), **options}
+        """An empty memory of the same geometry, dtype and codec (and spec and options unless `index` is given)."""
+        options = {"k": self.k, "codec": self.codec, **(self.options() if index is None else {}), **options}
         return Memory(layers=self.layers, num_heads=self.num_heads, head_dim=self.head_dim, dtype=self.dtype,
                       index=self.index if index is None else index, **options)
 
@@ -137,8 +159,12 @@ class Memory:
         return memory
 
     def options(self) -> dict:
-        """The backend options this memory was made with (train size, reduction, search parameters)."""
-        return self._backends[self.layers[0]].options() if self.layers else {}
+        """The backend options this memory was made with (train size, reduction, search parameters, keep_keys
+        when off)."""
+        if not self.layers:
+            return {}
+        kept = {} if self._entries[self.layers[0]].keep_keys else {"keep_keys": False}
+        return {**self._backends[self.layers[0]].options(), **kept}
 
     @property
     def train_size(self) -> int:
@@ -232,6 +258,8 @@ class Memory:
                 self.overlay = self.empty_like("dense" if self.index == "dense" else "torch")
             self.overlay.add(layer, keys, values, valid)
             return
+        for observe in self.add_observers:
+            observe(layer, keys, values, valid)
         ids = self._entries[layer].add(keys, values, valid)
         self._backends[layer].add(ids)
 
@@ -308,7 +336,7 @@ class Memory:
     def __repr__(self) -> str:
         return (
             f"Memory(index={self.index!r}, k={self.k}, layers={list(self.layers)}, heads={self.num_heads}, "
-            f"head_dim={self.head_dim}, dtype={self.dtype}, entries_per_row={len(self)})"
+            f"head_dim={self.head_dim}, dtype={self.dtype}, codec={self.codec!r}, entries_per_row={len(self)})"
         )
 
 

@@ -4,9 +4,12 @@ Layout of a store directory (documented for users in `indexes/README.md`):
 
     manifest.json              the commit point: format, model fingerprint, geometry, index, documents, files
     data-<generation>/         one complete generation of data files
-        layer<L>.keys.bin      (H, M, D) raw little-endian, stored dtype (bfloat16/float16/float32)
-        layer<L>.values.bin    (H, M, D)
+        layer<L>.keys.bin      (H, M, D) raw little-endian, stored dtype (bfloat16/float16/float32, int8);
+                               absent when only the index holds the keys (option keep_keys false)
+        layer<L>.values.bin    (H, M, D), or (H, M, W) codes of the manifest's `codec` (int8: D + 2, pq<M>: M)
+        layer<L>.values-codebook.bin  (H, M, 2**bits, D / M) float32: the PQ codebook, once trained
         layer<L>.head<h>.faiss one Faiss index per head (Faiss specs only)
+        layer<L>.head<h>.outliers.faiss  keys of the IVF outliers, when keys are not kept
         valid.bin              (M,) uint8: 1 for entries that may receive attention
         provenance.bin         (M, 3) int64: document id, token position, token id
 
@@ -33,7 +36,7 @@ import torch
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 # Files hashed on every load; the large arrays are checked by size (hash them with verify=True).
-_ALWAYS_HASHED = ("valid.bin", "provenance.bin")
+_ALWAYS_HASHED = ("valid.bin", "provenance.bin", "codebook.bin")
 _FINGERPRINT_FIELDS = (
     "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "mem_layers",
     "mem_positionals", "rope_theta", "max_position_embeddings", "num_key_value_heads", "head_dim",

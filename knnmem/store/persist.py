@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..memory.manager import Document, Memory
@@ -32,11 +33,17 @@ def save_memory(memory: Memory, path: str | Path | None = None, *, include_overl
         merged.extend(memory.overlay)
         return save_memory(merged, path)
     size = memory.stored_entries
-    arrays, indexes, bounds, outliers = {}, {}, {}, {}
+    arrays, indexes, bounds, outliers, codec_arrays = {}, {}, {}, {}, {}
     for layer in memory.layers:
-        keys, values = memory.entries(layer).encoded() if size else (torch.zeros(0), torch.zeros(0))
-        arrays[f"layer{layer}.keys.bin"] = keys[0] if size else keys
+        entries = memory.entries(layer)
+        keys, values = entries.encoded() if size else (torch.zeros(0), torch.zeros(0))
+        if keys is not None:  # else only the index holds them (keep_keys=False)
+            arrays[f"layer{layer}.keys.bin"] = keys[0] if size else keys
         arrays[f"layer{layer}.values.bin"] = values[0] if size else values
+        for kind, codec in (("keys", entries.key_codec), ("values", entries.value_codec)):
+            for name, tensor in codec.state().items():
+                arrays[f"layer{layer}.{kind}-{name}.bin"] = tensor
+                codec_arrays[f"layer{layer}.{kind}-{name}.bin"] = list(tensor.shape)
         objects, metadata = memory.backend(layer).export_state()
         indexes.update({f"layer{layer}.{name}": index for name, index in objects.items()})
         if metadata:
@@ -48,7 +55,9 @@ def save_memory(memory: Memory, path: str | Path | None = None, *, include_overl
     arrays["provenance.bin"] = torch.cat([known, unknown])
     manifest = dict(
         fingerprint=memory.fingerprint, layers=list(memory.layers), num_heads=memory.num_heads,
-        head_dim=memory.head_dim, dtype=str(memory.dtype).removeprefix("torch."), index=memory.index, k=memory.k,
+        head_dim=memory.head_dim, dtype=str(memory.dtype).removeprefix("torch."), codec=memory.codec,
+        codec_arrays=codec_arrays,
+        index=memory.index, k=memory.k,
         options=memory.options(), l2_bounds=bounds, ivf_outliers=outliers, entries=size,
         documents=[d._asdict() for d in memory.documents],
     )
@@ -66,19 +75,30 @@ def load_memory(path: str | Path, *, model, writable: bool = False, verify: bool
     manifest, data = fmt.open_store(path, fingerprint=fingerprint, verify=verify)
     size, heads, dim = manifest["entries"], manifest["num_heads"], manifest["head_dim"]
     dtype = getattr(torch, manifest["dtype"])
-    memory = Memory(layers=manifest["layers"], num_heads=heads, head_dim=dim, dtype=dtype,
-                    index=manifest["index"], k=manifest["k"], **manifest["options"])
+    try:  # stores written before codecs existed hold the cast codec of their dtype
+        memory = Memory(layers=manifest["layers"], num_heads=heads, head_dim=dim, dtype=dtype, codec=manifest.get("codec"),
+                        index=manifest["index"], k=manifest["k"], **manifest["options"])
+    except ValueError as error:
+        raise fmt.StoreError(f"{Path(path) / fmt.MANIFEST}: {error}") from None
     memory.check_compatible(model.config)
     device = next(model.parameters()).device
     valid = fmt.map_array(data / "valid.bin", (1, size), torch.uint8, writable).bool().to(device)
     for layer in memory.layers:
-        keys, values = (
-            fmt.map_array(data / f"layer{layer}.{kind}.bin", (1, heads, size, dim), dtype, writable).to(device)
-            for kind in ("keys", "values")
-        )
-        memory.entries(layer).attach(keys, values, valid)
-        files = {f"head{h}.faiss": data / f"layer{layer}.head{h}.faiss" for h in range(heads)}
-        if size and all(name in manifest["files"] for name in (f"layer{layer}.{n}" for n in files)):
+        entries = memory.entries(layer)
+        arrays = {}
+        for kind, codec in (("keys", entries.key_codec), ("values", entries.value_codec)):
+            _load_codec_state(codec, data, f"layer{layer}.{kind}-", manifest.get("codec_arrays", {}))
+            name = f"layer{layer}.{kind}.bin"
+            if name not in manifest["files"] and not (kind == "keys" and manifest["options"].get("keep_keys") is False):
+                raise fmt.StoreError(f"{data / name}: not listed in {fmt.MANIFEST}, yet the store keeps its {kind}")
+            if name in manifest["files"]:
+                shape = (1, heads, size, codec.width(dim))
+                _check_codes(data / name, manifest["files"][name]["bytes"], shape, codec)
+                arrays[kind] = fmt.map_array(data / name, shape, codec.dtype, writable).to(device)
+        entries.attach(arrays.get("keys"), arrays["values"], valid)
+        files = {f"head{h}.{kind}": data / f"layer{layer}.head{h}.{kind}" for h in range(heads)
+                 for kind in ("faiss", "outliers.faiss") if f"layer{layer}.head{h}.{kind}" in manifest["files"]}
+        if size and all(f"layer{layer}.head{h}.faiss" in manifest["files"] for h in range(heads)):
             opened = {name: fmt.DeferredIndex(file) for name, file in files.items()}
             metadata = {"l2_bounds": manifest["l2_bounds"][str(layer)],
                         "ivf_outliers": manifest.get("ivf_outliers", {}).get(str(layer))}
@@ -92,3 +112,34 @@ def load_memory(path: str | Path, *, model, writable: bool = False, verify: bool
     memory.provenance = fmt.map_array(data / "provenance.bin", (size, 3), torch.int64, writable)
     memory.fingerprint, memory.path, memory.read_only = fingerprint, Path(path), not writable
     return memory
+
+
+def _load_codec_state(codec, data: Path, prefix: str, shapes: dict) -> None:
+    """Give `codec` its trained parameters: the float32 files `<prefix><name>.bin` of the manifest's `codec_arrays`
+    (name -> shape)."""
+    files = {name[len(prefix):-len(".bin")]: (data / name, shape) for name, shape in shapes.items()
+             if name.startswith(prefix)}
+    if not files:
+        return
+    arrays = {}
+    try:
+        for name, (file, shape) in files.items():
+            if not file.exists():
+                raise ValueError("missing, yet the manifest lists it as the codec's parameters")
+            numbers = np.fromfile(file, dtype=np.float32)
+            if not isinstance(shape, list) or numbers.size != int(np.prod(shape)):
+                raise ValueError(f"holds {numbers.size:,} float32 numbers, the manifest gives it shape {shape!r}")
+            arrays[name] = torch.from_numpy(numbers.reshape(shape))
+        codec.load_state(arrays)
+    except ValueError as error:
+        raise fmt.StoreError(f"{', '.join(str(file) for file, _ in files.values())}: {error}") from None
+
+
+def _check_codes(file: Path, size: int, shape: tuple, codec) -> None:
+    """`StoreError` unless `file` (of `size` bytes) holds `shape` codes of `codec`: a codebook must fit its codes."""
+    expected = int(np.prod(shape)) * torch.empty(0, dtype=codec.dtype).element_size()
+    if size != expected:
+        raise fmt.StoreError(
+            f"{file}: {size:,} bytes, but codec {codec.name} ({'trained' if codec.trained else 'not trained yet'}) "
+            f"stores (heads, entries, width) = {shape[1:]} as {codec.dtype}: {expected:,} bytes; its codes do not match "
+            "the codec or codebook the manifest names")

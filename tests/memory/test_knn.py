@@ -250,3 +250,43 @@ def test_entries_unlike_the_training_sample_are_searched_exactly_and_persisted()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once per memory
         memory.add(0, more, more, torch.ones(1, 1000, dtype=torch.bool))
+
+
+def test_without_stored_keys_outliers_are_found_from_their_own_flat_index():
+    torch.manual_seed(0)
+    cluster = (torch.eye(8)[:4].repeat(10, 1) + 0.01 * torch.randn(40, 8))[None, None]  # (1, 1, 40, 8)
+    unlike = (10 * torch.eye(8)[4] + 3 * torch.eye(8)[0])[None, None, None]
+    query = (torch.eye(8)[4] - 0.5 * torch.eye(8)[0])[None, None, None]
+
+    def new_memory():
+        return knnmem.Memory(layers=[0], num_heads=1, head_dim=8, dtype=torch.float32, index="IVF4,Flat",
+                             k=1, train_size=40, nprobe=1, keep_keys=False)
+
+    memory = new_memory()
+    memory.add(0, cluster, cluster, torch.ones(1, 40, dtype=torch.bool))
+    memory.add(0, unlike, unlike, torch.ones(1, 1, dtype=torch.bool))
+    assert not memory.entries(0).has_keys
+    hits = memory.search(0, query, slice(0, 1))
+    assert hits.ids.item() == 40 and hits.scores.item() == pytest.approx(float(query.flatten() @ unlike.flatten()))
+    state = memory.backend(0).export_state()
+    assert state[0]["head0.outliers.faiss"].ntotal == 1
+    reloaded = new_memory()
+    reloaded.entries(0).attach(None, memory.entries(0).encoded()[1], memory.entries(0).valid)
+    reloaded.backend(0).import_state(lambda: state)
+    assert reloaded.search(0, query, slice(0, 1)).ids.item() == 40
+
+
+def test_parallel_insertion_builds_the_indexes_serial_insertion_does(make_model, ids, monkeypatch):
+    from knnmem.memory import faiss_index
+
+    def build():
+        memory = knnmem.Memory.create(make_model(), index="IVF4,Flat", k=4, train_size=20, nprobe=1)
+        forward(make_model(), ids, memory)
+        return [[faiss.serialize_index(index).tobytes() for index in row] for row in memory.backend(1)._rows], \
+            memory.backend(1)._outliers
+
+    parallel = build()
+    monkeypatch.setattr(faiss_index, "_parallel", lambda work, tasks: [work(task) for task in tasks])
+    serial = build()
+    assert parallel[0] == serial[0]
+    assert [[list(h) for h in row] for row in parallel[1]] == [[list(h) for h in row] for row in serial[1]]

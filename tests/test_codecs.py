@@ -1,0 +1,90 @@
+"""Codecs of the entry store: round trips and their error bounds, PQ training and state, spec parsing."""
+
+import faiss
+import pytest
+import torch
+
+from knnmem.memory import EntryStore
+from knnmem.memory.codecs import CastCodec, Int8Codec, ProductCodec, codec_spec, make_codecs
+
+
+def vectors(*shape, seed=0):
+    torch.manual_seed(seed)
+    return torch.randn(*shape) * torch.rand(*shape[:-1], 1) * 5  # norms that differ from vector to vector
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cast_codecs_store_the_dtype(dtype):
+    x = vectors(2, 3, 10, 8)
+    codec = CastCodec(dtype)
+    assert torch.equal(codec.decode(codec.encode(x)), x.to(dtype)) and codec.width(8) == 8
+
+
+def test_int8_error_is_half_a_step_of_each_vectors_scale():
+    x = vectors(2, 3, 50, 16)
+    codec = Int8Codec(torch.float32)
+    stored = codec.encode(x)
+    assert stored.dtype == torch.int8 and stored.shape == (2, 3, 50, 18)
+    step = x.abs().amax(-1, keepdim=True) / 127
+    # Half a step of rounding, plus the float16 scale's relative error (2**-11) over up to 127 steps.
+    assert ((codec.decode(stored) - x).abs() <= step * (0.5 + 127 * 2.0**-11)).all()
+    assert torch.equal(codec.encode(codec.decode(stored)), stored)  # decoding then encoding changes nothing
+    assert codec.decode(codec.encode(torch.zeros(1, 1, 2, 16))).abs().max() == 0
+
+
+def test_product_codec_trains_encodes_decodes_and_restores_its_codebook():
+    x = vectors(1, 2, 700, 8)  # (B, H, N, D)
+    codec = ProductCodec(subvectors=4, bits=4, num_heads=2, head_dim=8, out_dtype=torch.float32)
+    assert not codec.trained and codec.train_size == 39 * 16
+    assert torch.equal(codec.decode(codec.encode(x)), x)  # until trained: stored as they are
+    codec.train(x[0])
+    codes = codec.encode(x)
+    assert codes.dtype == torch.uint8 and codes.shape == (1, 2, 700, 4) and int(codes.max()) < 16
+    decoded = codec.decode(codes)
+    assert float((decoded - x).norm() / x.norm()) < 0.4  # 16 centroids per pair of dimensions of Gaussian data
+    pq = faiss.ProductQuantizer(8, 4, 4)  # Faiss's own decoding of its own codes, with head 1's codebook
+    faiss.copy_array_to_vector(codec.state()["codebook"][1].reshape(-1).numpy(), pq.centroids)
+    expected = pq.decode(pq.compute_codes(x[0, 1].numpy()))
+    torch.testing.assert_close(decoded[0, 1], torch.from_numpy(expected))
+    assert torch.equal(codec.decode(codes[:, 1:], slice(1, 2)), decoded[:, 1:])  # per-head codebooks
+    assert torch.equal(codec.encode(decoded), codes)  # a centroid encodes as itself
+    restored = ProductCodec(subvectors=4, bits=4, num_heads=2, head_dim=8, out_dtype=torch.float32)
+    restored.load_state(codec.state())
+    assert torch.equal(restored.decode(codes), decoded)
+    with pytest.raises(ValueError, match=r"pq2x4 codebook is \(2, 4, 16, 2\) torch.float32, expected \(2, 2, 16, 4\)"):
+        ProductCodec(subvectors=2, bits=4, num_heads=2, head_dim=8, out_dtype=torch.float32).load_state(codec.state())
+    with pytest.raises(ValueError, match="non-finite"):
+        restored.load_state({"codebook": torch.full((2, 4, 16, 2), float("nan"))})
+
+
+def test_entry_store_trains_its_value_codec_once_enough_entries_exist():
+    keys, values = make_codecs("int8/pq2x4", num_heads=2, head_dim=8, dtype=torch.float32)
+    store = EntryStore(num_heads=2, head_dim=8, codec=(keys, values))
+    x = vectors(1, 2, 900, 8)
+    valid = torch.ones(1, 900, dtype=torch.bool)
+    for start in range(0, 900, 100):
+        store.add(x[:, :, start : start + 100], x[:, :, start : start + 100], valid[:, start : start + 100])
+        assert values.trained == (start + 100 >= values.train_size)
+    assert store.encoded()[1].dtype == torch.uint8  # every value, the staged ones too, is a code now
+    ids = torch.randint(0, 900, (1, 2, 3, 5))
+    taken, _ = store.take(ids, slice(None))
+    expected = store.values().gather(2, ids.view(1, 2, 15, 1).expand(-1, -1, -1, 8)).view(1, 2, 3, 5, 8)
+    assert torch.equal(taken, expected)  # decoding only the entries taken gives what decoding all does
+
+
+@pytest.mark.parametrize("spec, expected", [(None, "float32"), ("int8", "int8"), ("bfloat16/int8", "bfloat16/int8"),
+                                            ("int8/pq4", "int8/pq4"), ("float16/pq2x6", "float16/pq2x6")])
+def test_codec_specs_round_trip(spec, expected):
+    assert codec_spec(*make_codecs(spec, num_heads=2, head_dim=8, dtype=torch.float32)) == expected
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("zstd", "unknown codec 'zstd'"),
+    ("pq4", "keys are ranked by the index and cannot be product-quantized here"),
+    ("int8/pq3", "head dimension 8 is not a multiple of 3 sub-vectors"),
+    ("int8/pq4x9", "bits per sub-vector must be 1-8"),
+    ("int8/int8/int8", "codec spec must be a codec name or KEYS/VALUES"),
+])
+def test_bad_codec_specs(spec, message):
+    with pytest.raises(ValueError, match=message):
+        make_codecs(spec, num_heads=2, head_dim=8, dtype=torch.float32)

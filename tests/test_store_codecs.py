@@ -1,0 +1,144 @@
+"""Stores of compressed memories: every codec survives save and load; damaged codec state is refused."""
+
+import json
+
+import pytest
+import torch
+
+import knnmem
+from conftest import sharp_model, tiny_config
+from knnmem.cli import main
+
+# (index, options): dense reads every decoded entry; the IVF index is trained on them
+MEMORIES = [
+    ("dense", dict(codec="bfloat16")),
+    ("dense", dict(codec="int8")),
+    ("dense", dict(codec="int8/pq2x4")),
+    ("IVF4,Flat", dict(k=16, train_size=40, nprobe=2, codec="int8/pq2x4")),
+    ("IVF4,PQ4x4fs", dict(k=16, train_size=40, nprobe=2, codec="float16/pq4x4", keep_keys=False)),
+    ("IVF4,Flat", dict(k=16, train_size=40, nprobe=2, codec="int8", keep_keys=False, rerank=1)),
+    ("IVF4,Flat", dict(k=8, train_size=40, nprobe=2, codec="int8", rerank=3)),
+]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return sharp_model(tiny_config())
+
+
+def documents():
+    torch.manual_seed(0)
+    return [torch.randint(1, 96, (length,)).tolist() for length in (300, 250, 280)]  # 830 tokens: PQ trains at 624
+
+
+def filled(model, index, **options):
+    memory = knnmem.Memory.create(model, index=index, **options)
+    knnmem.encode_documents(model, documents(), memory, progress=False)
+    return memory
+
+
+def read(model, memory, ids):
+    with torch.no_grad():
+        return model(ids, memory=memory, use_cache=True, last_context_length=ids.shape[1]).logits
+
+
+def manifest_of(store):
+    return json.loads((store / "manifest.json").read_text())
+
+
+def rewrite_manifest(store, **fields):
+    (store / "manifest.json").write_text(json.dumps({**manifest_of(store), **fields}))
+
+
+@pytest.mark.parametrize("index, options", MEMORIES)
+def test_each_codec_gives_identical_answers_after_save_and_load(model, tmp_path, index, options):
+    memory = filled(model, index, **options)
+    assert memory.entries(1).value_codec.trained
+    query = torch.randint(1, 96, (1, 12))
+    expected = read(model, memory, query)
+    memory.save(tmp_path / "store")
+    loaded = knnmem.Memory.load(tmp_path / "store", model=model)
+    assert loaded.codec == memory.codec and loaded.options() == memory.options()
+    assert torch.equal(read(model, loaded, query), expected)
+    dense = filled(model, "dense")
+    error = (expected - read(model, dense, query)).norm() / read(model, dense, query).norm()
+    assert error < 0.5  # compressed, yet the same memory (the sharp random model magnifies every error)
+
+
+def test_compression_shrinks_the_store_and_info_reports_it(model, tmp_path, capsys):
+    sizes = {}
+    for codec in ("float32", "int8", "int8/pq2x4"):
+        filled(model, "dense", codec=codec).save(tmp_path / codec.replace("/", "_"))
+        assert main(["info", str(tmp_path / codec.replace("/", "_"))]) == 0
+        out = capsys.readouterr().out
+        assert f"codec: {codec}" in out
+        assert " per token)" in out
+        sizes[codec] = int(out.split("bytes on disk:")[1].split()[0].replace(",", ""))
+    # Per token, layer and head, keys and values of 8 dimensions take 32 bytes each as float32, 10 as int8 and
+    # 2 as pq2x4 codes; the codebooks take 16 centroids of 8 float32 numbers per layer and head.
+    tokens = sum(map(len, documents()))
+    assert sizes["float32"] - sizes["int8"] == tokens * 2 * 4 * 2 * (32 - 10)
+    assert sizes["int8"] - sizes["int8/pq2x4"] == tokens * 2 * 4 * (10 - 2) - 2 * 4 * 16 * 8 * 4
+
+
+def test_stores_without_a_codec_open_as_the_cast_of_their_dtype(model, tmp_path):
+    memory = filled(model, "Flat", k=16)
+    memory.save(tmp_path / "store")
+    manifest = manifest_of(tmp_path / "store")
+    del manifest["codec"], manifest["codec_arrays"]
+    (tmp_path / "store" / "manifest.json").write_text(json.dumps(manifest))
+    loaded = knnmem.Memory.load(tmp_path / "store", model=model)
+    query = torch.randint(1, 96, (1, 12))
+    assert loaded.codec == "float32" and torch.equal(read(model, loaded, query), read(model, memory, query))
+
+
+@pytest.fixture
+def pq_store(model, tmp_path):
+    filled(model, "dense", codec="int8/pq2x4").save(tmp_path / "store")
+    return tmp_path / "store"
+
+
+def test_unknown_or_corrupt_codec_is_refused_naming_the_manifest(model, pq_store):
+    rewrite_manifest(pq_store, codec="int8/zstd")
+    with pytest.raises(knnmem.StoreError, match=r"manifest.json: unknown codec 'zstd'"):
+        knnmem.Memory.load(pq_store, model=model)
+    rewrite_manifest(pq_store, codec=7)
+    with pytest.raises(knnmem.StoreError, match=r"manifest.json: codec spec must be a codec name or KEYS/VALUES"):
+        knnmem.Memory.load(pq_store, model=model)
+
+
+def test_codebook_that_does_not_fit_its_codec_or_codes_is_refused_naming_the_file(model, pq_store):
+    name = "layer1.values-codebook.bin"
+    shapes = manifest_of(pq_store)["codec_arrays"]
+    rewrite_manifest(pq_store, codec_arrays={**shapes, name: [4, 4, 16, 2]})  # the numbers of another codec
+    with pytest.raises(knnmem.StoreError, match=rf"{name}: the pq2x4 codebook is \(4, 4, 16, 2\) torch.float32"):
+        knnmem.Memory.load(pq_store, model=model)
+    rewrite_manifest(pq_store, codec_arrays={**shapes, name: [4, 2, 16, 5]})
+    with pytest.raises(knnmem.StoreError, match=rf"{name}: holds 512 float32 numbers, the manifest gives it shape"):
+        knnmem.Memory.load(pq_store, model=model)
+    # A codebook of 4 sub-vectors (same numbers) over codes of 2: the codes file has the wrong width.
+    rewrite_manifest(pq_store, codec="int8/pq4x4", codec_arrays={n: [4, 4, 16, 2] for n in shapes})
+    with pytest.raises(knnmem.StoreError, match=r"layer1.values.bin: 6,640 bytes, but codec pq4x4 \(trained\)"):
+        knnmem.Memory.load(pq_store, model=model)
+    manifest = manifest_of(pq_store)
+    bad = pq_store / manifest["generation"] / "layer2.values-codebook.bin"
+    bad.write_bytes(bytes(len(bad.read_bytes())))
+    with pytest.raises(knnmem.StoreError, match="layer2.values-codebook.bin: contents do not match the checksum"):
+        knnmem.Memory.load(pq_store, model=model)  # small files are always hashed
+
+
+def test_without_keys_the_store_is_smaller_and_refuses_exact_search_and_reindexing(model, tmp_path):
+    options = dict(k=16, train_size=40, nprobe=2, codec="int8/pq2x4")
+    kept, dropped = filled(model, "IVF4,PQ4x4fs", **options), filled(model, "IVF4,PQ4x4fs", keep_keys=False, **options)
+    assert kept.entries(1).has_keys and not dropped.entries(1).has_keys
+    assert kept.nbytes - dropped.nbytes == 2 * 4 * 10 * len(kept)  # int8 keys: 10 bytes per head and layer
+    dropped.save(tmp_path / "store")
+    loaded = knnmem.Memory.load(tmp_path / "store", model=model)
+    assert "layer1.keys.bin" not in manifest_of(tmp_path / "store")["files"]
+    for attempt in (lambda: loaded.reindex("Flat"), lambda: dropped.reindex("IVF4,Flat", train_size=40)):
+        with pytest.raises(ValueError, match=r"does not keep its keys \(keep_keys=False\).*cannot be searched exactly"):
+            attempt()
+    with pytest.raises(ValueError, match="index 'torch' searches the stored keys exactly: it needs keep_keys=True"):
+        knnmem.Memory.create(model, index="torch", keep_keys=False)
+    with pytest.raises(ValueError, match="rerank=2 scores candidates from stored keys: it needs keep_keys=True"):
+        knnmem.Memory.create(model, index="IVF4,Flat", keep_keys=False, rerank=2)
