@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import faiss
 import torch
 
 from ..memory.manager import Document, Memory
@@ -63,32 +64,71 @@ def load_memory(path: str | Path, *, model, writable: bool = False, verify: bool
     arrays. Raises `StoreError` naming the file and the mismatch if anything does not fit.
     """
     fingerprint = fmt.model_fingerprint(model)
-    manifest, data = fmt.open_store(path, fingerprint=fingerprint, verify=verify)
+    manifest, handles = fmt.open_store(path, fingerprint=fingerprint, verify=verify)
+    try:
+        memory = _open_memory(Path(path), manifest, handles, model, writable)
+    except BaseException:
+        for handle in handles.values():
+            handle.close()
+        raise
+    for name, handle in handles.items():
+        if not name.endswith(".faiss"):
+            handle.close()  # mapped: the maps outlive the handles
+    memory.fingerprint, memory.path, memory.read_only = fingerprint, Path(path), not writable
+    return memory
+
+
+def _open_memory(path: Path, manifest: dict, handles: dict, model, writable: bool) -> Memory:
     size, heads, dim = manifest["entries"], manifest["num_heads"], manifest["head_dim"]
     dtype = getattr(torch, manifest["dtype"])
-    memory = Memory(layers=manifest["layers"], num_heads=heads, head_dim=dim, dtype=dtype,
-                    index=manifest["index"], k=manifest["k"], **manifest["options"])
-    memory.check_compatible(model.config)
+    try:
+        memory = Memory(layers=manifest["layers"], num_heads=heads, head_dim=dim, dtype=dtype,
+                        index=manifest["index"], k=manifest["k"], **manifest["options"])
+        memory.check_compatible(model.config)
+    except (ValueError, TypeError) as error:
+        raise fmt.StoreError(f"{path / fmt.MANIFEST}: {error}") from None
     device = next(model.parameters()).device
-    valid = fmt.map_array(data / "valid.bin", (1, size), torch.uint8, writable).bool().to(device)
+    valid = fmt.map_array(handles["valid.bin"], (1, size), torch.uint8, writable).bool().to(device)
     for layer in memory.layers:
         keys, values = (
-            fmt.map_array(data / f"layer{layer}.{kind}.bin", (1, heads, size, dim), dtype, writable).to(device)
+            fmt.map_array(handles[f"layer{layer}.{kind}.bin"], (1, heads, size, dim), dtype, writable).to(device)
             for kind in ("keys", "values")
         )
         memory.entries(layer).attach(keys, values, valid)
-        files = {f"head{h}.faiss": data / f"layer{layer}.head{h}.faiss" for h in range(heads)}
-        if size and all(name in manifest["files"] for name in (f"layer{layer}.{n}" for n in files)):
-            opened = {name: fmt.DeferredIndex(file) for name, file in files.items()}
+        names = {f"head{h}.faiss": f"layer{layer}.head{h}.faiss" for h in range(heads)}
+        if names and all(name in handles for name in names.values()):  # a Faiss memory with entries
+            opened = {own: fmt.DeferredIndex(path / manifest["generation"] / name, handles[name])
+                      for own, name in names.items()}
             metadata = {"l2_bounds": manifest["l2_bounds"][str(layer)],
-                        "ivf_outliers": manifest.get("ivf_outliers", {}).get(str(layer))}
+                        "ivf_outliers": manifest["ivf_outliers"][str(layer)]}
+            width = dim + int(manifest["options"]["l2_reduction"])
             # Read on first search; memory-mapped unless the store is opened for writing.
             memory.backend(layer).import_state(
-                lambda opened=opened, metadata=metadata:
-                ({name: f.read(mmap=not writable) for name, f in opened.items()}, metadata))
+                lambda opened=opened, metadata=metadata, width=width:
+                ({own: _checked_index(f, mmap=not writable, dim=width, entries=size) for own, f in opened.items()},
+                 metadata))
             for f in opened.values():
                 memory.on_close(f.close)
     memory.documents = [Document(**d) for d in manifest["documents"]]
-    memory.provenance = fmt.map_array(data / "provenance.bin", (size, 3), torch.int64, writable)
-    memory.fingerprint, memory.path, memory.read_only = fingerprint, Path(path), not writable
+    memory.provenance = fmt.map_array(handles["provenance.bin"], (size, 3), torch.int64, writable)
     return memory
+
+
+def _checked_index(index_file: fmt.DeferredIndex, *, mmap: bool, dim: int, entries: int) -> faiss.Index:
+    """The index in `index_file`, after checking that it is what the store wrote: an id-mapped index over
+    vectors of `dim` dimensions whose ids are entries of the store (they index the value arrays)."""
+    index = index_file.read(mmap=mmap)
+    problem = None
+    if not isinstance(index, faiss.IndexIDMap2):
+        problem = f"a {type(index).__name__}, not the id-mapped index the store writes"
+    elif index.d != dim:
+        problem = f"indexes vectors of {index.d} dimensions, the store's keys need {dim}"
+    else:
+        ids = faiss.vector_to_array(index.id_map)
+        if len(ids) != index.ntotal or index.ntotal > entries:
+            problem = f"holds {index.ntotal} vectors and {len(ids)} ids for {entries} entries"
+        elif len(ids) and (ids.min() < 0 or ids.max() >= entries):
+            problem = f"maps vectors to ids {ids.min()}..{ids.max()}, outside the {entries} entries"
+    if problem:
+        raise fmt.StoreError(f"{index_file.file}: {problem} (corrupted)")
+    return index
