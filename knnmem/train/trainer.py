@@ -4,7 +4,8 @@
 `init_from` (a LongLLaMA or LLaMA checkpoint), writing to `out_dir`:
 
     tokenizer/            SentencePiece model + Hugging Face files
-    checkpoint/           the latest checkpoint, Hugging Face layout, plus trainer_state.pt
+    checkpoint/           the latest checkpoint, Hugging Face layout, plus trainer_state.json (step,
+                          configuration, optimiser hyperparameters) and optimizer.safetensors (its moments)
     metrics.jsonl         one record per logged step and per evaluation
     loss.png              training and held-out loss, answer accuracy in the window and in memory
 
@@ -201,10 +202,13 @@ class Trainer:
         return self.out / "checkpoint"
 
     def _resume(self) -> None:
-        state_path = self.checkpoint_dir / "trainer_state.pt"
+        state_path = self.checkpoint_dir / "trainer_state.json"
+        if (self.checkpoint_dir / "trainer_state.pt").exists() and not state_path.exists():
+            raise ValueError(f"{self.checkpoint_dir / 'trainer_state.pt'}: a checkpoint in the pickle format of earlier "
+                             "knnmem versions, which is not loaded (unpickling can run code); use a new output directory")
         if not state_path.exists():
             return
-        state = torch.load(state_path, weights_only=False, map_location=self.device)
+        state = json.loads(state_path.read_text())
         free = {name: state["config"].get(name) for name in ("steps", *RUNTIME_FIELDS)}
         if state["config"] != dataclasses.asdict(self.config) | free:
             raise ValueError(f"{self.checkpoint_dir} was written by a run with another configuration; "
@@ -213,7 +217,9 @@ class Trainer:
 
         self.model.load_state_dict(load_file(self.checkpoint_dir / "model.safetensors", device=str(self.device)),
                                    strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(
+            _optimizer_state(state["optimizer"], load_file(self.checkpoint_dir / "optimizer.safetensors",
+                                                           device=str(self.device))))
         self.step = state["step"]
         self._truncate_metrics(self.step)
 
@@ -233,8 +239,13 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)
-        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
-                    "config": dataclasses.asdict(self.config)}, tmp / "trainer_state.pt")
+        # No pickle: a checkpoint is data that resuming reads, never code that it runs.
+        from safetensors.torch import save_file
+
+        layout, tensors = _split_optimizer_state(self.optimizer.state_dict())
+        save_file(tensors, tmp / "optimizer.safetensors")
+        (tmp / "trainer_state.json").write_text(json.dumps(
+            {"step": self.step, "optimizer": layout, "config": dataclasses.asdict(self.config)}, indent=1))
         old = self.out / "checkpoint.old"
         if self.checkpoint_dir.exists():
             os.replace(self.checkpoint_dir, old)
@@ -324,6 +335,28 @@ class Trainer:
                 self.save()
                 window_start = time.perf_counter()
         bar.close()
+
+
+def _split_optimizer_state(state: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """An optimiser's `state_dict()` as JSON (hyperparameters, non-tensor state) and tensors named
+    `<param>.<name>`."""
+    tensors = {f"{param}.{name}": value.contiguous() for param, values in state["state"].items()
+               for name, value in values.items() if isinstance(value, torch.Tensor)}
+    scalars = {str(param): {name: value for name, value in values.items() if not isinstance(value, torch.Tensor)}
+               for param, values in state["state"].items()}
+    return {"param_groups": state["param_groups"], "scalars": scalars}, tensors
+
+
+def _optimizer_state(layout: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """The `state_dict()` that `_split_optimizer_state` split."""
+    state = {int(param): dict(values) for param, values in layout["scalars"].items()}
+    for key, tensor in tensors.items():
+        param, name = key.split(".", 1)
+        state.setdefault(int(param), {})[name] = tensor
+    # JSON turned tuples (AdamW's betas) into lists; `params` is the one list of a group.
+    groups = [{name: value if name == "params" or not isinstance(value, list) else tuple(value)
+               for name, value in group.items()} for group in layout["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 class _Steps(torch.utils.data.Dataset):
