@@ -26,17 +26,25 @@ TASK = (
 )
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 QUESTION = "What is the pass key? The pass key is"
+MAX_KEY = 50000  # keys are drawn from 1..MAX_KEY
 
 
 def key_sentence(pass_key: int) -> str:
     return f"The pass key is {pass_key}. Remember it. {pass_key} is the pass key."
 
 
+def shortest_prompt(tokenizer, pass_key: int = MAX_KEY) -> int:
+    """Tokens of a pass-key prompt with no filler: the shortest length a prompt can have."""
+    return len(tokenizer("\n".join([TASK, "", key_sentence(pass_key), "", QUESTION]))["input_ids"])
+
+
 def passkey_prompt(tokenizer, length: int, depth: float, pass_key: int) -> list[int]:
     """Token ids of a prompt of about `length` tokens with the key sentence at `depth` (0 = start, 1 = end)."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must lie in [0, 1], got {depth}")
-    fixed = len(tokenizer("\n".join([TASK, "", key_sentence(pass_key), "", QUESTION]))["input_ids"])
+    fixed = shortest_prompt(tokenizer, pass_key)
+    if length < fixed:
+        raise ValueError(f"a pass-key prompt takes at least {fixed} tokens with this tokenizer, not {length}")
     per_filler = len(tokenizer(" ".join([FILLER] * 16))["input_ids"]) / 16
     repeats = max(math.ceil((length - fixed) / per_filler), 0)
     before = round(repeats * depth)
@@ -69,7 +77,7 @@ def run_passkey(model, tokenizer, length: int, *, trials: int, memory_factory, s
     rng = np.random.default_rng([seed, length])
     results = []
     for _ in tqdm(range(trials), desc=f"pass key, {length:,} tokens", unit="trial", leave=False, disable=not progress):
-        depth, pass_key = float(rng.uniform()), int(rng.integers(1, 50001))
+        depth, pass_key = float(rng.uniform()), int(rng.integers(1, MAX_KEY + 1))
         ids = torch.tensor([passkey_prompt(tokenizer, length, depth, pass_key)], device=model.device)
         digits = len(str(pass_key))
         start = time.perf_counter()
@@ -101,6 +109,10 @@ class PasskeyResult:
 def passkey_sweep(model, tokenizer, lengths: list[int], *, index: str, k: int, exact_up_to: int, trials: int,
                   seed: int = 0) -> list[PasskeyResult]:
     """Pass-key accuracy per length with dense memory (lengths up to `exact_up_to`) and with `index`."""
+    too_short = [length for length in lengths if length < shortest_prompt(tokenizer)]
+    if too_short:  # refused before any trial runs, rather than reported for a longer prompt
+        raise ValueError(f"lengths {too_short} are shorter than a pass-key prompt without filler "
+                         f"({shortest_prompt(tokenizer)} tokens with this tokenizer)")
     results = []
     for length in lengths:
         for spec in (["dense"] if length <= exact_up_to else []) + [index]:

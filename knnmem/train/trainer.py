@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..eval.passkey import run_passkey
+from ..eval.passkey import run_passkey, shortest_prompt
 from ..ingest.stdlib import stdlib_texts
 from ..memory import CrossBatchMemory, Memory
 from ..model import LongLlamaConfig, LongLlamaForCausalLM, pick_device, read_checkpoint_config
@@ -160,6 +160,9 @@ class Trainer:
             torch.set_num_threads(config.threads)
         real = "\n\n".join(text for _, text in stdlib_texts("train"))[: config.real_chars]
         self.tokenizer = self._tokenizer(real)
+        if config.passkey_trials and config.passkey_length < shortest_prompt(self.tokenizer):
+            raise ValueError(f"passkey_length {config.passkey_length} is shorter than a pass-key prompt without "
+                             f"filler ({shortest_prompt(self.tokenizer)} tokens with this tokenizer)")
         self.data = TrainingData(
             self.tokenizer, real, window=config.window, rows=config.rows, k_pack=config.k_pack,
             synthetic_fraction=config.synthetic_fraction, reach=config.reach, seed=config.seed,
