@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import sys
 import typing
+import warnings
 
 
 class UsageError(Exception):
@@ -317,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # weight loading takes a moment; its bar would only clutter the output
+    # Warnings (such as skipped corpus files) as one line each, like errors, without the source line.
+    warnings.formatwarning = lambda message, *_: f"knnmem {args.command}: warning: {message}\n"
     try:
         args.func(args)
     except (UsageError, OSError, ValueError) as e:  # StoreError is a ValueError
