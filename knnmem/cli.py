@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import sys
 import typing
+import warnings
 
 
 MODEL_HELP = ("model directory, .gguf file, adapter directory or hub id (default: SmolLM2-135M-Instruct with "
@@ -61,7 +62,7 @@ def parse_tokens(text: str) -> int:
     body, unit = (text[:-1], units[text[-1].lower()]) if text and text[-1].lower() in units else (text, 1)
     try:
         value = int(float(body) * unit)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: inf, 1e400
         raise argparse.ArgumentTypeError(f"expected a token count like 4096, 4k or 1M, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"token counts must be positive, got {text!r}")
@@ -69,15 +70,36 @@ def parse_tokens(text: str) -> int:
 
 
 def parse_token_list(text: str) -> list[int]:
-    return [parse_tokens(part.strip()) for part in text.split(",") if part.strip()]
+    counts = [parse_tokens(part.strip()) for part in text.split(",") if part.strip()]
+    if not counts:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts like 4k,16k, got {text!r}")
+    return counts
+
+
+def load_model(args):
+    """The model and tokenizer of `args.model` on `args.device`; `UsageError` saying why they cannot be loaded."""
+    import torch
+
+    from .model import load_pretrained, pick_device
+
+    usable = {"cpu", "cuda"} | ({"mps"} if torch.backends.mps.is_available() else set())
+    if pick_device(args.device).type not in usable:
+        raise UsageError(f"device {args.device!r} is not available here: use auto, cpu, cuda or cuda:N")
+    try:
+        return load_pretrained(args.model, args.device)
+    # Whatever a directory of the wrong files makes transformers or safetensors raise.
+    except Exception as error:  # noqa: BLE001
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise UsageError(f"{args.model}: cannot load the model ({type(error).__name__}: {reason})") from None
 
 
 def cmd_index(args) -> None:
     from .ingest import index_corpus
     from .memory import check_spec
-    from .model import load_pretrained
+    from .store.format import check_target
 
-    model, tokenizer = load_pretrained(args.model, args.device)
+    check_target(args.out)  # before the model runs
+    model, tokenizer = load_model(args)
     spec = check_spec(args.index, model.config.head_dim)
     memory = index_corpus(model, tokenizer, args.corpus, path=args.out, index=spec, k=args.k, codec=args.codec,
                           keep_keys=args.keep_keys, include=args.include, text_field=args.text_field)
@@ -91,9 +113,8 @@ def cmd_generate(args) -> None:
     from .chat import encode_prompt
     from .eval.explain import explain_generation
     from .memory import Memory
-    from .model import load_pretrained
 
-    model, tokenizer = load_pretrained(args.model, args.device)
+    model, tokenizer = load_model(args)
     ids = encode_prompt(tokenizer, args.prompt, chat=args.chat)
     memory = Memory.load(args.memory, model=model)
     if args.k:
@@ -147,13 +168,14 @@ def cmd_compare(args) -> None:
 
     from .eval.compare import compare_memories, markdown_table, write_report
     from .memory import Memory, check_spec
-    from .model import load_pretrained
 
-    model, tokenizer = load_pretrained(args.model, args.device)
+    model, tokenizer = load_model(args)
     specs = [check_spec(s, model.config.head_dim) for s in args.index]
     base = Memory.load(args.memory, model=model) if args.memory else None
     if args.text:
         text = Path(args.text).read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            raise UsageError(f"{args.text}: empty: give a file with text for the model to read")
     elif base is not None:
         text = args.queries
     else:
@@ -170,9 +192,8 @@ def cmd_compare(args) -> None:
 def cmd_passkey(args) -> None:
     from .eval.passkey import passkey_sweep
     from .memory import check_spec
-    from .model import load_pretrained
 
-    model, tokenizer = load_pretrained(args.model, args.device)
+    model, tokenizer = load_model(args)
     spec = check_spec(args.index, model.config.head_dim)
     results = passkey_sweep(model, tokenizer, args.lengths, index=spec, k=args.k,
                             exact_up_to=args.exact_up_to, trials=args.trials, seed=args.seed)
@@ -196,9 +217,10 @@ def _print_passkey(results, report) -> None:
 def cmd_demo(args) -> None:
     from .eval.demo import run_demo
     from .memory import check_spec
-    from .model import load_pretrained
+    from .store.format import check_target
 
-    model, tokenizer = load_pretrained(args.model, args.device)
+    check_target(args.out)
+    model, tokenizer = load_model(args)
     index = check_spec(args.index, model.config.head_dim)
     compare_specs = [check_spec(s, model.config.head_dim) for s in args.compare]
     run_demo(model, tokenizer, args.out, index=index, k=args.k, compare_specs=compare_specs)
@@ -314,9 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # weight loading takes a moment; its bar would only clutter the output
+    # Warnings (such as skipped corpus files) as one line each, like errors, without the source line.
+    warnings.formatwarning = lambda message, *_: f"knnmem {args.command}: warning: {message}\n"
     try:
         args.func(args)
-    except (UsageError, FileNotFoundError, ValueError) as e:  # StoreError is a ValueError
+    except (UsageError, OSError, ValueError) as e:  # StoreError is a ValueError
         print(f"knnmem {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -7,6 +7,7 @@ import torch
 
 import knnmem
 from knnmem.cli import main, parse_tokens
+from knnmem.store.manifest import checksum
 from knnmem.train.tokenizer import train_tokenizer
 from knnmem.ingest import stdlib_texts
 
@@ -82,10 +83,10 @@ def test_compare_writes_table_json_and_plots(model_dir, corpus, tmp_path, capsys
 
 
 def test_passkey_reports_each_length_and_memory(model_dir, tmp_path, capsys):
-    assert main(["passkey", "--model", str(model_dir), "--lengths", "100,200", "--exact-up-to", "100",
+    assert main(["passkey", "--model", str(model_dir), "--lengths", "160,200", "--exact-up-to", "160",
                  "--index", "Flat", "--trials", "2", "--report", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "passkey.json").read_text())
-    assert [(r["length"], r["memory"]) for r in results] == [(100, "dense"), (100, "Flat"), (200, "Flat")]
+    assert [(r["length"], r["memory"]) for r in results] == [(160, "dense"), (160, "Flat"), (200, "Flat")]
     for r in results:  # every trial is on record, and the accuracy is theirs
         assert len(r["attempts"]) == 2 and all(0 <= a["depth"] <= 1 for a in r["attempts"])
         assert r["accuracy"] == sum(a["correct"] for a in r["attempts"]) / 2
@@ -96,14 +97,14 @@ def test_passkey_reports_each_length_and_memory(model_dir, tmp_path, capsys):
 
 def test_passkey_merge_pools_the_trials_of_separate_runs(model_dir, tmp_path, capsys):
     for seed in (0, 1):
-        assert main(["passkey", "--model", str(model_dir), "--lengths", "100,200", "--exact-up-to", "100", "--index",
+        assert main(["passkey", "--model", str(model_dir), "--lengths", "160,200", "--exact-up-to", "160", "--index",
                      "Flat", "--trials", "2", "--seed", str(seed), "--report", str(tmp_path / str(seed))]) == 0
     runs = [json.loads((tmp_path / str(seed) / "passkey.json").read_text()) for seed in (0, 1)]
     assert main(["passkey-merge", str(tmp_path / "0"), str(tmp_path / "1" / "passkey.json"),
                  "--report", str(tmp_path / "all")]) == 0
     merged = json.loads((tmp_path / "all" / "passkey.json").read_text())
     assert [(r["length"], r["memory"], r["trials"]) for r in merged] == [
-        (100, "dense", 4), (100, "Flat", 4), (200, "Flat", 4)]
+        (160, "dense", 4), (160, "Flat", 4), (200, "Flat", 4)]
     for row, first, second in zip(merged, *runs):
         assert row["attempts"] == first["attempts"] + second["attempts"]
         assert row["accuracy"] == sum(a["correct"] for a in row["attempts"]) / 4
@@ -113,7 +114,7 @@ def test_passkey_merge_pools_the_trials_of_separate_runs(model_dir, tmp_path, ca
 
     assert main(["passkey-merge", str(tmp_path / "0"), str(tmp_path / "0")]) == 2  # the same trials twice
     assert "appears in two of the reports" in capsys.readouterr().err
-    (tmp_path / "bad.json").write_text(json.dumps([{"length": 100, "memory": "Flat", "accuracy": 1.0}]))
+    (tmp_path / "bad.json").write_text(json.dumps([{"length": 160, "memory": "Flat", "accuracy": 1.0}]))
     assert main(["passkey-merge", str(tmp_path / "bad.json")]) == 2
     assert "is not a pass-key report with every trial on record" in capsys.readouterr().err
 
@@ -136,6 +137,62 @@ def test_bad_input_is_one_clear_line(argv, message, model_dir, tmp_path, capsys)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(model_dir, store, tmp_path_factory):
+    """Paths that the cases below name: a file, models that cannot load, a store missing a section, an empty text."""
+    root = tmp_path_factory.mktemp("bad")
+    (root / "file").write_text("x")
+    (root / "config-only").mkdir()
+    (root / "config-only" / "config.json").write_bytes((model_dir / "config.json").read_bytes())
+    (root / "garbage").mkdir()
+    for file in model_dir.iterdir():
+        (root / "garbage" / file.name).write_bytes(file.read_bytes())
+    (root / "garbage" / "model.safetensors").write_bytes(b"\x10" * 1000)
+    (root / "store").mkdir()
+    manifest = json.loads((store / "manifest.json").read_text())
+    del manifest["options"]
+    manifest["checksum"] = checksum(manifest)
+    (root / "store" / "manifest.json").write_text(json.dumps(manifest))
+    (root / "empty.txt").write_text("")
+    return root
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["index", "CORPUS", "--model", "MODEL", "--out", "BAD/file"], "file: is a file, not a directory"),
+        (["index", "CORPUS", "--model", "MODEL", "--out", "BAD/file/store"], "(cannot create "),
+        (["index", "CORPUS", "--model", "MODEL", "--out", "BAD"], "not a knnmem store and not empty"),
+        (["passkey", "--model", "MODEL", "--device", "meta"], "device 'meta' is not available here"),
+        (["passkey", "--model", "MODEL", "--device", "mps"], "device 'mps' is not available here"),
+        (["passkey", "--model", "BAD/config-only"], "config-only: cannot load the model (OSError"),
+        (["passkey", "--model", "BAD/garbage"], "garbage: cannot load the model"),
+        (["index", "CORPUS", "--model", "MODEL", "--out", "OUT", "--index", "IDMap,Flat"], "drop IDMap"),
+        (["index", "CORPUS", "--model", "MODEL", "--out", "OUT", "--index", "HNSW0"], "must be positive"),
+        (["info", "BAD/store"], "manifest.json: field 'options' must be"),
+        (["passkey", "--model", "MODEL", "--lengths", "10", "--index", "Flat"], "lengths [10] are shorter than"),
+        (["compare", "--model", "MODEL", "--index", "Flat", "--text", "BAD/empty.txt"], "empty.txt: empty"),
+    ],
+)
+def test_more_bad_input_is_one_clear_line(argv, message, model_dir, corpus, bad_inputs, tmp_path, capsys):
+    names = {"MODEL": str(model_dir), "CORPUS": str(corpus), "OUT": str(tmp_path / "o")}
+    argv = [names.get(a, a.replace("BAD", str(bad_inputs))) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv", [["--lengths", "inf"], ["--lengths", "1e400"], ["--lengths", ",,"],
+                                  ["--exact-up-to", "inf"], ["--lengths", "nan"]])
+def test_token_counts_that_are_not_counts_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["passkey", "--model", "/no/such/model", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {argv[0]}: expected" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("option", ["--trials", "--k"])

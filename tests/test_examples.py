@@ -49,8 +49,8 @@ def test_compare_exact_vs_approx(model_dir, tmp_path):
 
 
 def test_passkey(model_dir, tmp_path):
-    out = run("passkey.py", "--model", model_dir, "--lengths", "120", "--trials", "1", "--index", "Flat", cwd=tmp_path)
-    assert "| dense | 120 |" in out.replace(",", "") or "| dense |" in out
+    out = run("passkey.py", "--model", model_dir, "--lengths", "160", "--trials", "1", "--index", "Flat", cwd=tmp_path)
+    assert "| dense | 160 |" in out.replace(",", "") or "| dense |" in out
 
 
 def test_train_fot_trains_and_resumes(tmp_path):

@@ -27,10 +27,25 @@ TASK = (
 )
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 QUESTION = "What is the pass key? The pass key is"
+MAX_KEY = 50000  # keys are drawn from 1..MAX_KEY
 
 
 def key_sentence(pass_key: int) -> str:
     return f"The pass key is {pass_key}. Remember it. {pass_key} is the pass key."
+
+
+def _encode(tokenizer, pass_key: int, before: int, after: int, chat: bool) -> list[int]:
+    """A pass-key prompt with `before` and `after` filler sentences around the key sentence."""
+    parts = [TASK, " ".join([FILLER] * before), key_sentence(pass_key), " ".join([FILLER] * after)]
+    if not chat:
+        return tokenizer("\n".join(parts + [QUESTION]))["input_ids"]
+    question, answer = QUESTION.split("? ")
+    return encode_prompt(tokenizer, "\n".join(parts + [question + "?"]), chat=True, answer_prefix=answer)
+
+
+def shortest_prompt(tokenizer, pass_key: int = MAX_KEY, *, chat: bool = False) -> int:
+    """Tokens of a pass-key prompt with no filler: the shortest length a prompt can have."""
+    return len(_encode(tokenizer, pass_key, 0, 0, chat))
 
 
 def passkey_prompt(tokenizer, length: int, depth: float, pass_key: int, *, chat: bool = False) -> list[int]:
@@ -41,19 +56,13 @@ def passkey_prompt(tokenizer, length: int, depth: float, pass_key: int, *, chat:
     """
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must lie in [0, 1], got {depth}")
-
-    def encode(before: int, after: int) -> list[int]:
-        parts = [TASK, " ".join([FILLER] * before), key_sentence(pass_key), " ".join([FILLER] * after)]
-        if not chat:
-            return tokenizer("\n".join(parts + [QUESTION]))["input_ids"]
-        question, answer = QUESTION.split("? ")
-        return encode_prompt(tokenizer, "\n".join(parts + [question + "?"]), chat=True, answer_prefix=answer)
-
-    fixed = len(encode(0, 0))
+    fixed = shortest_prompt(tokenizer, pass_key, chat=chat)
+    if length < fixed:
+        raise ValueError(f"a pass-key prompt takes at least {fixed} tokens with this tokenizer, not {length}")
     per_filler = len(tokenizer(" ".join([FILLER] * 16))["input_ids"]) / 16
     repeats = max(math.ceil((length - fixed) / per_filler), 0)
     before = round(repeats * depth)
-    return encode(before, repeats - before)
+    return _encode(tokenizer, pass_key, before, repeats - before, chat)
 
 
 def question_tokens(tokenizer, *, chat: bool = False) -> int:
@@ -91,7 +100,7 @@ def run_passkey(model, tokenizer, length: int, *, trials: int, memory_factory, s
     rng = np.random.default_rng([seed, length])
     results = []
     for _ in tqdm(range(trials), desc=f"pass key, {length:,} tokens", unit="trial", leave=False, disable=not progress):
-        depth, pass_key = float(rng.uniform()), int(rng.integers(1, 50001))
+        depth, pass_key = float(rng.uniform()), int(rng.integers(1, MAX_KEY + 1))
         ids = torch.tensor([passkey_prompt(tokenizer, length, depth, pass_key, chat=chat)], device=model.device)
         digits = len(str(pass_key))
         start = time.perf_counter()
@@ -124,6 +133,10 @@ class PasskeyResult:
 def passkey_sweep(model, tokenizer, lengths: list[int], *, index: str, k: int, exact_up_to: int, trials: int,
                   seed: int = 0) -> list[PasskeyResult]:
     """Pass-key accuracy per length with dense memory (lengths up to `exact_up_to`) and with `index`."""
+    too_short = [length for length in lengths if length < shortest_prompt(tokenizer)]
+    if too_short:  # refused before any trial runs, rather than reported for a longer prompt
+        raise ValueError(f"lengths {too_short} are shorter than a pass-key prompt without filler "
+                         f"({shortest_prompt(tokenizer)} tokens with this tokenizer)")
     results = []
     for length in lengths:
         for spec in (["dense"] if length <= exact_up_to else []) + [index]:

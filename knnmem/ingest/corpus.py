@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
@@ -22,21 +23,32 @@ def read_corpus(
             JSON object per line holding the text in `text_field` (named by its `id` or `name` field
             if present, else by file and line).
 
+    Binary files (holding a NUL byte) are skipped, with a warning saying how many.
+
     Raises:
         FileNotFoundError: a source does not exist.
-        ValueError: a JSONL line is not an object with a string `text_field`, or nothing was found.
+        ValueError: a JSONL file is not UTF-8, a line is not an object with a string `text_field`, or
+            nothing was found.
     """
-    documents = []
+    documents, binary = [], []
     for source in map(Path, sources):
         if source.is_dir():
             files = sorted(p for p in source.rglob(include) if p.is_file())
-            documents += [SourceDocument(str(p), p.read_text(encoding="utf-8", errors="replace")) for p in files]
         elif source.suffix == ".jsonl":
             documents += _read_jsonl(source, text_field)
+            continue
         elif source.is_file():
-            documents.append(SourceDocument(str(source), source.read_text(encoding="utf-8", errors="replace")))
+            files = [source]
         else:
             raise FileNotFoundError(f"corpus source {source} does not exist")
+        for file in files:
+            raw = file.read_bytes()
+            if b"\0" in raw:  # text never holds NUL; binary formats nearly always do
+                binary.append(str(file))
+            else:
+                documents.append(SourceDocument(str(file), raw.decode("utf-8-sig", errors="replace")))
+    if binary:
+        warnings.warn(f"skipped {len(binary)} binary file{'s' * (len(binary) > 1)} (first: {binary[0]})", stacklevel=2)
     documents = [d for d in documents if d.text.strip()]
     if not documents:
         raise ValueError(f"no non-empty document found in {[str(s) for s in sources]} (include={include!r})")
@@ -45,7 +57,11 @@ def read_corpus(
 
 def _read_jsonl(path: Path, text_field: str) -> list[SourceDocument]:
     documents = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark is allowed, not part of the first line
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}): JSONL files are UTF-8") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -10,7 +10,9 @@ faiss-gpu installed, index types Faiss supports on GPU are built there.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -29,6 +31,9 @@ from .protocol import MemoryHits
 # of a row's entries in one head: the lists then describe the memory poorly and each query pays for it.
 OUTLIER_WARNING_SHARE, OUTLIER_WARNING_MIN = 0.1, 1000
 
+# Search parameters that count candidates (lists probed, graph neighbours kept, reranked results).
+_COUNT_PARAMS = ("nprobe", "efSearch", "max_codes", "k_factor", "k_factor_rf", "efConstruction")
+
 _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="knnmem-faiss")
 
 
@@ -39,6 +44,12 @@ def new_index(spec: str, head_dim: int, l2_reduction: bool = False) -> faiss.Ind
     `FaissMemory`), whose L2 ranking equals the inner-product ranking of the original vectors.
     """
     dim, metric = (head_dim + 1, faiss.METRIC_L2) if l2_reduction else (head_dim, faiss.METRIC_INNER_PRODUCT)
+    # Faiss accepts some specs it later aborts the process on (HNSW0 at the first add) or cannot search
+    # (IVF0): every count in a spec must be positive. Ids are knnmem's: it wraps each index in its own id map.
+    if re.search(r"(?<![0-9])0+(?![0-9])", spec):
+        raise ValueError(f"invalid Faiss index spec {spec!r}: its sizes (lists, links, sub-quantizers) must be positive")
+    if "IDMAP" in spec.upper():
+        raise ValueError(f"invalid Faiss index spec {spec!r}: knnmem maps index ids to entries itself; drop IDMap")
     try:
         return faiss.index_factory(dim, spec, metric)
     except RuntimeError as error:
@@ -439,8 +450,11 @@ def _to_cpu(index: faiss.Index) -> faiss.Index:
 def _apply_params(index: faiss.Index, params: dict) -> None:
     space = faiss.ParameterSpace()
     for name, value in params.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"search parameter {name!r} must be a number, got {value!r}")
+        # Faiss aborts the process on a search with nprobe or efSearch 0: refuse it before it gets there.
+        if name in _COUNT_PARAMS and (value != int(value) or value < 1):
+            raise ValueError(f"search parameter {name!r} must be a positive integer, got {value!r}")
         try:
             space.set_index_parameter(index, name, value)
         except RuntimeError:

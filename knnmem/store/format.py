@@ -3,6 +3,7 @@
 Layout of a store directory (documented for users in `indexes/README.md`):
 
     manifest.json              the commit point: format, model fingerprint, geometry, index, documents, files
+    write.lock                 held (flock) by the process writing the store, which it names
     data-<generation>/         one complete generation of data files
         layer<L>.keys.bin      (H, M, D) raw little-endian, stored dtype (bfloat16/float16/float32, int8);
                                absent when only the index holds the keys (option keep_keys false)
@@ -13,39 +14,51 @@ Layout of a store directory (documented for users in `indexes/README.md`):
         valid.bin              (M,) uint8: 1 for entries that may receive attention
         provenance.bin         (M, 3) int64: document id, token position, token id
 
-`write_store` writes a new generation directory, then atomically replaces `manifest.json`, then deletes
-older generations. A process killed at any point leaves the previous manifest (and its generation)
-or the new one: never a store that loads half-written. Readers memory-map the arrays of the
-generation they opened and hold its index files open; deleting an old generation does not disturb
-them (POSIX keeps mapped and open files).
+`write_store` takes the write lock, writes a new generation directory, then atomically replaces
+`manifest.json`, then deletes older generations. A process killed at any point leaves the previous
+manifest (and its generation) or the new one: never a store that loads half-written. It deletes only
+what a store writer creates (generation directories holding nothing but data files, its temporary
+manifests), so a directory that is not a store is refused rather than cleaned. Readers take no lock:
+they open every file of the generation they read before using any, and if a writer replaced it in
+between, they read the new manifest; deleting an old generation does not disturb open files or maps.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import faiss
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-# Files hashed on every load; the large arrays are checked by size (hash them with verify=True).
-_ALWAYS_HASHED = ("valid.bin", "provenance.bin", "codebook.bin")
+from .manifest import FORMAT_VERSION, GENERATION, MANIFEST, StoreError, checksum, read_manifest
+
+LOCK = "write.lock"
+_DATA_FILE = re.compile(r"layer\d+\.(keys|values)(-\w+)?\.bin|layer\d+\.head\d+(\.outliers)?\.faiss|valid\.bin|provenance\.bin")
+_TEMPORARY = re.compile(rf"{re.escape(MANIFEST)}\.data-[0-9a-f]{{12}}\.tmp")
+# Files up to this size are hashed on every open; larger ones by size and a sample of blocks (first,
+# last and evenly spread: truncation, appended bytes and overwritten headers show), so that opening a
+# 1M-entry store stays well under 100 ms. `verify=True` hashes every byte.
+HASHED_BYTES = 1 << 20
+_SAMPLES, _BLOCK = 64, 4096
+# A writer may replace the generation between a reader's reading the manifest and opening its files.
+_OPEN_ATTEMPTS = 8
 _FINGERPRINT_FIELDS = (
     "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "mem_layers",
     "mem_positionals", "rope_theta", "max_position_embeddings", "num_key_value_heads", "head_dim",
     "mem_position_scheme",
 )
-
-
-class StoreError(ValueError):
-    """A store cannot be read or does not fit the model; the message names the file and the mismatch."""
 
 
 def model_fingerprint(model) -> dict:
@@ -59,68 +72,127 @@ def model_fingerprint(model) -> dict:
     return {"config": {f: getattr(config, f) for f in _FINGERPRINT_FIELDS}, "kv_projections_sha256": digest.hexdigest()}
 
 
-def write_store(path: str | Path, *, manifest: dict, arrays: dict[str, torch.Tensor], indexes: dict) -> None:
-    """Write a new generation of `arrays` (raw) and Faiss `indexes` under `path`, then commit `manifest`."""
+def check_target(path: str | Path) -> None:
+    """`StoreError` unless a store can be written at `path`: a store, an empty or new directory."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    generation = f"data-{uuid.uuid4().hex[:12]}"
-    data = path / generation
-    data.mkdir()
-    files = {name: _write_tensor(data / name, tensor) for name, tensor in arrays.items()}
-    for name, index in indexes.items():
-        faiss.write_index(index, str(data / name))
-        files[name] = _file_record(data / name)
-    _fsync_dir(data)
-    from .. import __version__
-
-    manifest = {"format_version": FORMAT_VERSION, "knnmem_version": __version__, **manifest,
-                "generation": generation, "files": files}
-    tmp = path / f"{MANIFEST}.{generation}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    _fsync(tmp)
-    os.replace(tmp, path / MANIFEST)  # the commit
-    _fsync_dir(path)
-    for stale in path.iterdir():
-        if stale.name != generation and (stale.name.startswith("data-") or stale.name.endswith(".tmp")):
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        where = "" if existing == path else f" (cannot create {path} under it)"
+        raise StoreError(f"{existing}: is a file, not a directory{where}")
+    if existing != path:
+        return
+    if (path / MANIFEST).exists():
+        read_manifest(path)  # a store of this format, or an error saying why it is not one
+        return
+    foreign = sorted(entry.name for entry in path.iterdir() if entry.name != LOCK and not _written_by_store(entry))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise StoreError(f"{path}: not a knnmem store and not empty (holds {shown}); write the store to a new "
+                         "or empty directory")
 
 
-def read_manifest(path: str | Path) -> dict:
-    """The manifest of store `path`; `StoreError` if missing, unreadable or of an unknown format."""
-    file = Path(path) / MANIFEST
-    if not file.exists():
-        raise StoreError(f"{file}: missing; {path} is not a knnmem store (or its first save never completed)")
-    try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise StoreError(f"{file}: not valid JSON ({error})") from None
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version != FORMAT_VERSION:
-        raise StoreError(f"{file}: format version {version!r} is not supported (this knnmem reads {FORMAT_VERSION})")
-    return manifest
+def write_store(path: str | Path, *, manifest: dict, arrays: dict[str, torch.Tensor], indexes: dict) -> None:
+    """Write a new generation of `arrays` (raw) and Faiss `indexes` under `path`, then commit `manifest`.
 
-
-def open_store(path: str | Path, *, fingerprint: dict, verify: bool = False) -> tuple[dict, Path]:
-    """Manifest and data directory of store `path`, after checking the model and every listed file.
-
-    The large arrays are checked by size; `verify=True` also hashes them (small files always are).
+    Raises `StoreError` if `path` is not a store or an empty directory, if another process is writing
+    it, or if a file cannot be written (e.g. the disk is full: the new generation is removed again).
     """
     path = Path(path)
-    manifest = read_manifest(path)
-    _check_fingerprint(path / MANIFEST, manifest["fingerprint"], fingerprint)
+    check_target(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StoreError(f"{path}: cannot create the store directory ({_reason(error)})") from None
+    with _write_lock(path):
+        check_target(path)  # again, now that no other writer can change it
+        generation = f"data-{uuid.uuid4().hex[:12]}"
+        data, tmp = path / generation, path / f"{MANIFEST}.{generation}.tmp"
+        try:
+            _make_dir(data)
+            files = {name: _write_file(data / name, _raw_bytes(tensor)) for name, tensor in arrays.items()}
+            files |= {name: _write_file(data / name, faiss.serialize_index(index)) for name, index in indexes.items()}
+            _fsync_dir(data)
+            from .. import __version__
+
+            manifest = {"format_version": FORMAT_VERSION, "knnmem_version": __version__, **manifest,
+                        "generation": generation, "files": files}
+            manifest["checksum"] = checksum(manifest)
+            _write_file(tmp, json.dumps(manifest, indent=1).encode())
+            _commit(tmp, path / MANIFEST)
+        except BaseException:
+            _remove(tmp)
+            _remove(data)
+            raise
+        _fsync_dir(path)
+        for stale in path.iterdir():
+            if stale.name != generation and _written_by_store(stale):
+                _remove(stale)
+
+
+def open_store(path: str | Path, *, fingerprint: dict, verify: bool = False) -> tuple[dict, dict[str, BinaryIO]]:
+    """The manifest of store `path` and an open handle on each data file, after checking the model and every file.
+
+    Files up to `HASHED_BYTES` are hashed; larger ones are checked by size and sampled blocks
+    (`verify=True` hashes them too). The caller closes the handles.
+    """
+    path = Path(path)
+    for _ in range(_OPEN_ATTEMPTS):
+        manifest = read_manifest(path)
+        _check_fingerprint(path / MANIFEST, manifest["fingerprint"], fingerprint)
+        try:
+            return manifest, _open_generation(path, manifest, verify)
+        except _Missing:
+            if read_manifest(path)["generation"] == manifest["generation"]:
+                raise  # really missing, not replaced by a writer
+    raise StoreError(f"{path}: rewritten {_OPEN_ATTEMPTS} times while being opened; open it when writes pause")
+
+
+class _Missing(StoreError):
+    """A file the manifest lists does not exist (perhaps because a writer just replaced the generation)."""
+
+
+def _open_generation(path: Path, manifest: dict, verify: bool) -> dict[str, BinaryIO]:
     data = path / manifest["generation"]
-    for name, record in manifest["files"].items():
-        _check_file(data / name, record, hash_it=verify or name.endswith(_ALWAYS_HASHED))
-    return manifest, data
+    try:
+        directory = os.open(data, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise _Missing(f"{data}: missing (the store lists it in {MANIFEST})") from None
+    except OSError as error:
+        raise StoreError(f"{data}: not a directory of the store ({_reason(error)})") from None
+    handles: dict[str, BinaryIO] = {}
+    try:
+        for name, record in manifest["files"].items():
+            handles[name] = _open_file(data / name, directory)
+            _check_file(data / name, handles[name], record, hash_all=verify)
+    except BaseException:
+        for handle in handles.values():
+            handle.close()
+        raise
+    finally:
+        os.close(directory)
+    return handles
+
+
+def _open_file(file: Path, directory: int) -> BinaryIO:
+    """`file` opened for reading inside the generation `directory`: a regular file, not a link, FIFO or device."""
+    try:
+        # Non-blocking, so that a FIFO in place of a data file cannot hang the open.
+        fd = os.open(file.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=directory)
+    except FileNotFoundError:
+        raise _Missing(f"{file}: missing (the store lists it in {MANIFEST})") from None
+    except OSError as error:
+        raise StoreError(f"{file}: cannot be opened ({_reason(error)})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StoreError(f"{file}: not a regular file (a store holds only the files it wrote)")
+    return os.fdopen(fd, "rb")
 
 
 def _check_fingerprint(file: Path, stored: dict, actual: dict) -> None:
-    for field, value in stored["config"].items():
-        if actual["config"].get(field) != value:
-            raise StoreError(
-                f"{file}: built by a different model: {field} is {value!r} in the store, "
-                f"{actual['config'].get(field)!r} in the model"
-            )
+    for field, value in actual["config"].items():  # the model's fields: one missing from the store differs too
+        if field not in stored["config"] or stored["config"][field] != value:
+            found = repr(stored["config"][field]) if field in stored["config"] else "missing"
+            raise StoreError(f"{file}: built by a different model: {field} is {found} in the store, {value!r} in the model")
     if stored["kv_projections_sha256"] != actual["kv_projections_sha256"]:
         raise StoreError(
             f"{file}: built by a different model: the memory layers' key/value projection weights differ "
@@ -128,58 +200,138 @@ def _check_fingerprint(file: Path, stored: dict, actual: dict) -> None:
         )
 
 
-def _sha256(file: Path) -> str:
+def _sample_digest(read, size: int) -> str:
+    """SHA-256 of `_SAMPLES` blocks spread from the first to the last byte; `read(offset, count)` returns bytes."""
     digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    for i in range(_SAMPLES):
+        digest.update(read(i * (size - _BLOCK) // (_SAMPLES - 1), _BLOCK))
     return digest.hexdigest()
 
 
-def _file_record(file: Path) -> dict:
-    _fsync(file)
-    return {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+def _record(buffer: memoryview) -> dict:
+    record = {"bytes": buffer.nbytes, "sha256": hashlib.sha256(buffer).hexdigest()}
+    if buffer.nbytes > HASHED_BYTES:
+        record["sample_sha256"] = _sample_digest(lambda offset, count: buffer[offset:offset + count], buffer.nbytes)
+    return record
 
 
-def _write_tensor(file: Path, tensor: torch.Tensor) -> dict:
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     array = tensor.detach().cpu().contiguous()
     if array.dtype == torch.bfloat16:
         array = array.view(torch.int16)  # numpy has no bfloat16: store the raw bits
-    array.numpy().tofile(file)
-    return _file_record(file)
+    return memoryview(array.numpy()).cast("B")
 
 
-def _check_file(file: Path, record: dict, *, hash_it: bool) -> None:
-    if not file.exists():
-        raise StoreError(f"{file}: missing (the store lists it in {MANIFEST})")
-    size = file.stat().st_size
+def _write_file(file: Path, data) -> dict:
+    """Write `data` (bytes-like) to the new file `file`, durably; its size and digests."""
+    buffer = memoryview(data).cast("B")
+    try:
+        with open(file, "xb") as handle:
+            handle.write(buffer)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        raise StoreError(f"{file}: cannot be written ({_reason(error)})") from None
+    return _record(buffer)
+
+
+def _check_file(file: Path, handle: BinaryIO, record: dict, *, hash_all: bool) -> None:
+    size = os.fstat(handle.fileno()).st_size
     if size != record["bytes"]:
         raise StoreError(f"{file}: {size} bytes, expected {record['bytes']} (truncated or overwritten)")
-    if hash_it and _sha256(file) != record["sha256"]:
+    fd = handle.fileno()
+    if hash_all or size <= HASHED_BYTES:
+        digest = hashlib.sha256()
+        for offset in range(0, size, 1 << 20):
+            digest.update(os.pread(fd, 1 << 20, offset))
+        ok = digest.hexdigest() == record["sha256"]
+    else:
+        ok = _sample_digest(lambda offset, count: os.pread(fd, count, offset), size) == record.get("sample_sha256")
+    if not ok:
         raise StoreError(f"{file}: contents do not match the checksum in {MANIFEST} (corrupted)")
 
 
-def map_array(file: Path, shape: tuple, dtype: torch.dtype, writable: bool) -> torch.Tensor:
-    """A tensor over `file` without reading it: copy-on-write memory map, so writes never reach the file."""
+@contextmanager
+def _write_lock(path: Path):
+    """Hold the store's write lock, or `StoreError` naming the process that holds it."""
+    # The lock file stays: removing it would let a second writer lock a new file while the first holds the old.
+    try:
+        handle = open(path / LOCK, "a+")
+    except OSError as error:
+        raise StoreError(f"{path / LOCK}: cannot be opened ({_reason(error)})") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise StoreError(f"{path}: the store is being written by process {holder}; save again when it has "
+                             "finished") from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield  # closing the handle releases the lock
+
+
+def _written_by_store(entry: Path) -> bool:
+    """Whether `entry` is something a store writer creates: a generation of data files, a temporary manifest."""
+    if entry.is_symlink():
+        return False
+    if entry.is_dir():
+        return bool(GENERATION.fullmatch(entry.name)) and all(
+            f.is_file() and not f.is_symlink() and _DATA_FILE.fullmatch(f.name) for f in entry.iterdir())
+    return bool(_TEMPORARY.fullmatch(entry.name)) and entry.is_file()
+
+
+def _remove(entry: Path) -> None:
+    """Remove a generation or temporary file this writer (or a killed one) created, if it is there."""
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    elif entry.is_file():
+        entry.unlink(missing_ok=True)
+
+
+def _make_dir(directory: Path) -> None:
+    try:
+        directory.mkdir()
+    except OSError as error:
+        raise StoreError(f"{directory}: cannot be created ({_reason(error)})") from None
+
+
+def _commit(tmp: Path, manifest: Path) -> None:
+    try:
+        os.replace(tmp, manifest)
+    except OSError as error:
+        raise StoreError(f"{manifest}: cannot be replaced ({_reason(error)})") from None
+
+
+def _reason(error: OSError) -> str:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on the device: the disk is full; free space and save again"
+    return error.strerror or str(error)
+
+
+def map_array(handle: BinaryIO, shape: tuple, dtype: torch.dtype, writable: bool) -> torch.Tensor:
+    """A tensor over the open file `handle` without reading it: copy-on-write memory map, so writes never reach
+    the file. The map stays valid after `handle` is closed."""
     count = int(np.prod(shape))
     if count == 0:
         return torch.zeros(shape, dtype=dtype)
     storage_dtype = torch.int16 if dtype == torch.bfloat16 else dtype
-    array = np.memmap(file, dtype=torch.empty(0, dtype=storage_dtype).numpy().dtype, mode="c", shape=shape)
+    array = np.memmap(handle, dtype=torch.empty(0, dtype=storage_dtype).numpy().dtype, mode="c", shape=shape)
     tensor = torch.from_numpy(array)
     tensor = tensor.view(dtype) if dtype == torch.bfloat16 else tensor
     return tensor.clone() if writable else tensor
 
 
 class DeferredIndex:
-    """A Faiss index file opened now and read on first use.
+    """A Faiss index file, open now (`open_store`'s handle) and read on first use.
 
     The open handle keeps the file readable even if a writer deletes its generation in between.
     """
 
-    def __init__(self, file: Path):
-        self.file = file
-        self._handle = open(file, "rb")
+    def __init__(self, file: Path, handle: BinaryIO):
+        self.file, self._handle = file, handle
 
     def read(self, *, mmap: bool = False) -> faiss.Index:
         """The index; with `mmap`, its large arrays are mapped read-only instead of read."""
@@ -189,8 +341,10 @@ class DeferredIndex:
         try:
             return faiss.read_index(str(by_handle if by_handle.exists() else self.file),
                                     faiss.IO_FLAG_MMAP_IFC if mmap else 0)
-        except RuntimeError as error:
-            raise StoreError(f"{self.file}: cannot be read by Faiss ({str(error).strip().splitlines()[-1]})") from None
+        # What Faiss raises on a file it cannot parse: its own errors, and allocations sized by a bad header.
+        except (RuntimeError, MemoryError, IndexError, AssertionError, ValueError, OverflowError) as error:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+            raise StoreError(f"{self.file}: cannot be read by Faiss ({reason})") from None
         finally:
             self.close()
 
@@ -202,11 +356,6 @@ class DeferredIndex:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _fsync(file: Path) -> None:
-    with open(file, "rb") as handle:
-        os.fsync(handle.fileno())
 
 
 def _fsync_dir(directory: Path) -> None:

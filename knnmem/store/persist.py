@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 
@@ -72,67 +73,82 @@ def load_memory(path: str | Path, *, model, writable: bool = False, verify: bool
     arrays. Raises `StoreError` naming the file and the mismatch if anything does not fit.
     """
     fingerprint = fmt.model_fingerprint(model)
-    manifest, data = fmt.open_store(path, fingerprint=fingerprint, verify=verify)
-    size, heads, dim = manifest["entries"], manifest["num_heads"], manifest["head_dim"]
-    dtype = getattr(torch, manifest["dtype"])
-    try:  # stores written before codecs existed hold the cast codec of their dtype
-        memory = Memory(layers=manifest["layers"], num_heads=heads, head_dim=dim, dtype=dtype, codec=manifest.get("codec"),
-                        index=manifest["index"], k=manifest["k"], **manifest["options"])
-    except ValueError as error:
-        raise fmt.StoreError(f"{Path(path) / fmt.MANIFEST}: {error}") from None
-    memory.check_compatible(model.config)
-    device = next(model.parameters()).device
-    valid = fmt.map_array(data / "valid.bin", (1, size), torch.uint8, writable).bool().to(device)
-    for layer in memory.layers:
-        entries = memory.entries(layer)
-        arrays = {}
-        for kind, codec in (("keys", entries.key_codec), ("values", entries.value_codec)):
-            _load_codec_state(codec, data, f"layer{layer}.{kind}-", manifest.get("codec_arrays", {}))
-            name = f"layer{layer}.{kind}.bin"
-            if name not in manifest["files"] and not (kind == "keys" and manifest["options"].get("keep_keys") is False):
-                raise fmt.StoreError(f"{data / name}: not listed in {fmt.MANIFEST}, yet the store keeps its {kind}")
-            if name in manifest["files"]:
-                shape = (1, heads, size, codec.width(dim))
-                _check_codes(data / name, manifest["files"][name]["bytes"], shape, codec)
-                arrays[kind] = fmt.map_array(data / name, shape, codec.dtype, writable).to(device)
-        entries.attach(arrays.get("keys"), arrays["values"], valid)
-        files = {f"head{h}.{kind}": data / f"layer{layer}.head{h}.{kind}" for h in range(heads)
-                 for kind in ("faiss", "outliers.faiss") if f"layer{layer}.head{h}.{kind}" in manifest["files"]}
-        if size and all(f"layer{layer}.head{h}.faiss" in manifest["files"] for h in range(heads)):
-            opened = {name: fmt.DeferredIndex(file) for name, file in files.items()}
-            metadata = {"l2_bounds": manifest["l2_bounds"][str(layer)],
-                        "ivf_outliers": manifest.get("ivf_outliers", {}).get(str(layer))}
-            # Read on first search; memory-mapped unless the store is opened for writing.
-            memory.backend(layer).import_state(
-                lambda opened=opened, metadata=metadata:
-                ({name: f.read(mmap=not writable) for name, f in opened.items()}, metadata))
-            for f in opened.values():
-                memory.on_close(f.close)
-    memory.documents = [Document(**d) for d in manifest["documents"]]
-    memory.provenance = fmt.map_array(data / "provenance.bin", (size, 3), torch.int64, writable)
+    manifest, handles = fmt.open_store(path, fingerprint=fingerprint, verify=verify)
+    try:
+        memory = _open_memory(Path(path), manifest, handles, model, writable)
+    except BaseException:
+        for handle in handles.values():
+            handle.close()
+        raise
+    for name, handle in handles.items():
+        if not name.endswith(".faiss"):
+            handle.close()  # mapped: the maps outlive the handles
     memory.fingerprint, memory.path, memory.read_only = fingerprint, Path(path), not writable
     return memory
 
 
-def _load_codec_state(codec, data: Path, prefix: str, shapes: dict) -> None:
+def _open_memory(path: Path, manifest: dict, handles: dict, model, writable: bool) -> Memory:
+    size, heads, dim = manifest["entries"], manifest["num_heads"], manifest["head_dim"]
+    dtype = getattr(torch, manifest["dtype"])
+    try:  # stores written before codecs existed hold the cast codec of their dtype
+        memory = Memory(layers=manifest["layers"], num_heads=heads, head_dim=dim, dtype=dtype,
+                        codec=manifest.get("codec"), index=manifest["index"], k=manifest["k"], **manifest["options"])
+        memory.check_compatible(model.config)
+    except (ValueError, TypeError) as error:
+        raise fmt.StoreError(f"{path / fmt.MANIFEST}: {error}") from None
+    device = next(model.parameters()).device
+    valid = fmt.map_array(handles["valid.bin"], (1, size), torch.uint8, writable).bool().to(device)
+    for layer in memory.layers:
+        entries = memory.entries(layer)
+        data = path / manifest["generation"]
+        arrays = {}
+        for kind, codec in (("keys", entries.key_codec), ("values", entries.value_codec)):
+            _load_codec_state(codec, data, handles, f"layer{layer}.{kind}-", manifest.get("codec_arrays", {}))
+            name = f"layer{layer}.{kind}.bin"
+            if name in handles:  # the keys are absent when only the index holds them (keep_keys: false)
+                shape = (1, heads, size, codec.width(dim))
+                _check_codes(data / name, manifest["files"][name]["bytes"], shape, codec)
+                arrays[kind] = fmt.map_array(handles[name], shape, codec.dtype, writable).to(device)
+        entries.attach(arrays.get("keys"), arrays["values"], valid)
+        names = {f"head{h}.{kind}": f"layer{layer}.head{h}.{kind}" for h in range(heads)
+                 for kind in ("faiss", "outliers.faiss") if f"layer{layer}.head{h}.{kind}" in handles}
+        if size and all(f"layer{layer}.head{h}.faiss" in handles for h in range(heads)):  # a Faiss memory
+            opened = {own: fmt.DeferredIndex(data / name, handles[name]) for own, name in names.items()}
+            metadata = {"l2_bounds": manifest["l2_bounds"][str(layer)],
+                        "ivf_outliers": manifest["ivf_outliers"][str(layer)]}
+            width = dim + int(manifest["options"]["l2_reduction"])
+            # Read on first search; memory-mapped unless the store is opened for writing.
+            memory.backend(layer).import_state(
+                lambda opened=opened, metadata=metadata, width=width:
+                ({own: _checked_index(f, mmap=not writable, dim=width, entries=size) if own.endswith(".faiss")
+                  and not own.endswith("outliers.faiss") else f.read(mmap=not writable) for own, f in opened.items()},
+                 metadata))
+            for f in opened.values():
+                memory.on_close(f.close)
+    memory.documents = [Document(**d) for d in manifest["documents"]]
+    memory.provenance = fmt.map_array(handles["provenance.bin"], (size, 3), torch.int64, writable)
+    return memory
+
+
+def _load_codec_state(codec, data: Path, handles: dict, prefix: str, shapes: dict) -> None:
     """Give `codec` its trained parameters: the float32 files `<prefix><name>.bin` of the manifest's `codec_arrays`
-    (name -> shape)."""
-    files = {name[len(prefix):-len(".bin")]: (data / name, shape) for name, shape in shapes.items()
-             if name.startswith(prefix)}
+    (name -> shape), read from their open handles."""
+    files = {name[len(prefix):-len(".bin")]: (name, shape) for name, shape in shapes.items() if name.startswith(prefix)}
     if not files:
         return
     arrays = {}
     try:
-        for name, (file, shape) in files.items():
-            if not file.exists():
+        for key, (name, shape) in files.items():
+            if name not in handles:
                 raise ValueError("missing, yet the manifest lists it as the codec's parameters")
-            numbers = np.fromfile(file, dtype=np.float32)
+            handles[name].seek(0)
+            numbers = np.frombuffer(handles[name].read(), dtype=np.float32)
             if not isinstance(shape, list) or numbers.size != int(np.prod(shape)):
                 raise ValueError(f"holds {numbers.size:,} float32 numbers, the manifest gives it shape {shape!r}")
-            arrays[name] = torch.from_numpy(numbers.reshape(shape))
+            arrays[key] = torch.from_numpy(numbers.reshape(shape).copy())
         codec.load_state(arrays)
     except ValueError as error:
-        raise fmt.StoreError(f"{', '.join(str(file) for file, _ in files.values())}: {error}") from None
+        raise fmt.StoreError(f"{', '.join(str(data / name) for name, _ in files.values())}: {error}") from None
 
 
 def _check_codes(file: Path, size: int, shape: tuple, codec) -> None:
@@ -143,3 +159,23 @@ def _check_codes(file: Path, size: int, shape: tuple, codec) -> None:
             f"{file}: {size:,} bytes, but codec {codec.name} ({'trained' if codec.trained else 'not trained yet'}) "
             f"stores (heads, entries, width) = {shape[1:]} as {codec.dtype}: {expected:,} bytes; its codes do not match "
             "the codec or codebook the manifest names")
+
+
+def _checked_index(index_file: fmt.DeferredIndex, *, mmap: bool, dim: int, entries: int) -> faiss.Index:
+    """The index in `index_file`, after checking that it is what the store wrote: an id-mapped index over
+    vectors of `dim` dimensions whose ids are entries of the store (they index the value arrays)."""
+    index = index_file.read(mmap=mmap)
+    problem = None
+    if not isinstance(index, faiss.IndexIDMap2):
+        problem = f"a {type(index).__name__}, not the id-mapped index the store writes"
+    elif index.d != dim:
+        problem = f"indexes vectors of {index.d} dimensions, the store's keys need {dim}"
+    else:
+        ids = faiss.vector_to_array(index.id_map)
+        if len(ids) != index.ntotal or index.ntotal > entries:
+            problem = f"holds {index.ntotal} vectors and {len(ids)} ids for {entries} entries"
+        elif len(ids) and (ids.min() < 0 or ids.max() >= entries):
+            problem = f"maps vectors to ids {ids.min()}..{ids.max()}, outside the {entries} entries"
+    if problem:
+        raise fmt.StoreError(f"{index_file.file}: {problem} (corrupted)")
+    return index

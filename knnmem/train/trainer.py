@@ -4,8 +4,9 @@
 `init_from` (a LongLLaMA or LLaMA checkpoint), writing to `out_dir`:
 
     tokenizer/            SentencePiece model + Hugging Face files
-    checkpoint/           the latest checkpoint, Hugging Face layout, plus trainer_state.pt (and adapter/:
-                          the trained tensors alone, when only some are trained)
+    checkpoint/           the latest checkpoint, Hugging Face layout, plus trainer_state.json (step,
+                          configuration, optimiser hyperparameters) and optimizer.safetensors (its moments),
+                          and adapter/ (the trained tensors alone) when only some are trained
     metrics.jsonl         one record per logged step and per evaluation
     loss.png              training and held-out loss, answer accuracy in the window and in memory
 
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..eval.passkey import run_passkey
+from ..eval.passkey import run_passkey, shortest_prompt
 from ..ingest.stdlib import stdlib_texts
 from ..memory import CrossBatchMemory, Memory
 from ..model import LongLlamaConfig, LongLlamaForCausalLM, pick_device, read_checkpoint_config, resolve_checkpoint
@@ -178,6 +179,9 @@ class Trainer:
             torch.set_num_threads(config.threads)
         real = "\n\n".join(text for _, text in stdlib_texts("train"))[: config.real_chars]
         self.tokenizer = self._tokenizer(real)
+        if config.passkey_trials and config.passkey_length < shortest_prompt(self.tokenizer):
+            raise ValueError(f"passkey_length {config.passkey_length} is shorter than a pass-key prompt without "
+                             f"filler ({shortest_prompt(self.tokenizer)} tokens with this tokenizer)")
         self.data = TrainingData(
             self.tokenizer, real, window=config.window, rows=config.rows, k_pack=config.k_pack,
             synthetic_fraction=config.synthetic_fraction, reach=config.reach, seed=config.seed,
@@ -224,10 +228,13 @@ class Trainer:
         return self.out / "checkpoint"
 
     def _resume(self) -> None:
-        state_path = self.checkpoint_dir / "trainer_state.pt"
+        state_path = self.checkpoint_dir / "trainer_state.json"
+        if (self.checkpoint_dir / "trainer_state.pt").exists() and not state_path.exists():
+            raise ValueError(f"{self.checkpoint_dir / 'trainer_state.pt'}: a checkpoint in the pickle format of earlier "
+                             "knnmem versions, which is not loaded (unpickling can run code); use a new output directory")
         if not state_path.exists():
             return
-        state = torch.load(state_path, weights_only=False, map_location=self.device)
+        state = json.loads(state_path.read_text())
         free = {name: state["config"].get(name) for name in ("steps", *RUNTIME_FIELDS)}
         if state["config"] != dataclasses.asdict(self.config) | free:
             raise ValueError(f"{self.checkpoint_dir} was written by a run with another configuration; "
@@ -236,7 +243,9 @@ class Trainer:
 
         self.model.load_state_dict(load_file(self.checkpoint_dir / "model.safetensors", device=str(self.device)),
                                    strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(
+            _optimizer_state(state["optimizer"], load_file(self.checkpoint_dir / "optimizer.safetensors",
+                                                           device=str(self.device))))
         self.step = state["step"]
         self._truncate_metrics(self.step)
 
@@ -260,8 +269,13 @@ class Trainer:
             base = Path(self.config.init_from)
             save_adapter(self.model, tmp / "adapter", base=str(base.resolve()) if base.exists() else str(base),
                          tensors=trained_tensors(self.model, self.config.train_only))
-        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
-                    "config": dataclasses.asdict(self.config)}, tmp / "trainer_state.pt")
+        # No pickle: a checkpoint is data that resuming reads, never code that it runs.
+        from safetensors.torch import save_file
+
+        layout, tensors = _split_optimizer_state(self.optimizer.state_dict())
+        save_file(tensors, tmp / "optimizer.safetensors")
+        (tmp / "trainer_state.json").write_text(json.dumps(
+            {"step": self.step, "optimizer": layout, "config": dataclasses.asdict(self.config)}, indent=1))
         old = self.out / "checkpoint.old"
         if self.checkpoint_dir.exists():
             os.replace(self.checkpoint_dir, old)
@@ -351,6 +365,28 @@ class Trainer:
                 self.save()
                 window_start = time.perf_counter()
         bar.close()
+
+
+def _split_optimizer_state(state: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """An optimiser's `state_dict()` as JSON (hyperparameters, non-tensor state) and tensors named
+    `<param>.<name>`."""
+    tensors = {f"{param}.{name}": value.contiguous() for param, values in state["state"].items()
+               for name, value in values.items() if isinstance(value, torch.Tensor)}
+    scalars = {str(param): {name: value for name, value in values.items() if not isinstance(value, torch.Tensor)}
+               for param, values in state["state"].items()}
+    return {"param_groups": state["param_groups"], "scalars": scalars}, tensors
+
+
+def _optimizer_state(layout: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """The `state_dict()` that `_split_optimizer_state` split."""
+    state = {int(param): dict(values) for param, values in layout["scalars"].items()}
+    for key, tensor in tensors.items():
+        param, name = key.split(".", 1)
+        state.setdefault(int(param), {})[name] = tensor
+    # JSON turned tuples (AdamW's betas) into lists; `params` is the one list of a group.
+    groups = [{name: value if name == "params" or not isinstance(value, list) else tuple(value)
+               for name, value in group.items()} for group in layout["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 class _Steps(torch.utils.data.Dataset):

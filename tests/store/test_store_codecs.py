@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import knnmem
+from knnmem.store.manifest import checksum
 from conftest import sharp_model, tiny_config
 from knnmem.cli import main
 
@@ -47,7 +48,10 @@ def manifest_of(store):
 
 
 def rewrite_manifest(store, **fields):
-    (store / "manifest.json").write_text(json.dumps({**manifest_of(store), **fields}))
+    """A crafted manifest: the fields changed, its own checksum made to match."""
+    manifest = {**manifest_of(store), **fields}
+    manifest["checksum"] = checksum(manifest)
+    (store / "manifest.json").write_text(json.dumps(manifest))
 
 
 @pytest.mark.parametrize("index, options", MEMORIES)
@@ -86,6 +90,7 @@ def test_stores_without_a_codec_open_as_the_cast_of_their_dtype(model, tmp_path)
     memory.save(tmp_path / "store")
     manifest = manifest_of(tmp_path / "store")
     del manifest["codec"], manifest["codec_arrays"]
+    manifest["checksum"] = checksum(manifest)  # as a store written before codecs existed
     (tmp_path / "store" / "manifest.json").write_text(json.dumps(manifest))
     loaded = knnmem.Memory.load(tmp_path / "store", model=model)
     query = torch.randint(1, 96, (1, 12))
@@ -103,7 +108,7 @@ def test_unknown_or_corrupt_codec_is_refused_naming_the_manifest(model, pq_store
     with pytest.raises(knnmem.StoreError, match=r"manifest.json: unknown codec 'zstd'"):
         knnmem.Memory.load(pq_store, model=model)
     rewrite_manifest(pq_store, codec=7)
-    with pytest.raises(knnmem.StoreError, match=r"manifest.json: codec spec must be a codec name or KEYS/VALUES"):
+    with pytest.raises(knnmem.StoreError, match=r"manifest.json: field 'codec' must be a codec spec"):
         knnmem.Memory.load(pq_store, model=model)
 
 
@@ -114,7 +119,7 @@ def test_codebook_that_does_not_fit_its_codec_or_codes_is_refused_naming_the_fil
     with pytest.raises(knnmem.StoreError, match=rf"{name}: the pq2x4 codebook is \(4, 4, 16, 2\) torch.float32"):
         knnmem.Memory.load(pq_store, model=model)
     rewrite_manifest(pq_store, codec_arrays={**shapes, name: [4, 2, 16, 5]})
-    with pytest.raises(knnmem.StoreError, match=rf"{name}: holds 512 float32 numbers, the manifest gives it shape"):
+    with pytest.raises(knnmem.StoreError, match=rf"manifest.json: lists {name} with 2048 bytes"):
         knnmem.Memory.load(pq_store, model=model)
     # A codebook of 4 sub-vectors (same numbers) over codes of 2: the codes file has the wrong width.
     rewrite_manifest(pq_store, codec="int8/pq4x4", codec_arrays={n: [4, 4, 16, 2] for n in shapes})

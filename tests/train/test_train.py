@@ -19,7 +19,7 @@ from conftest import sharp_model, tiny_config
 TINY_RUN = dict(
     vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, window=32,
     mem_layers=[1], rows=6, k_pack=3, cross_batch_range=2, real_chars=300_000, eval_batches=1,
-    passkey_trials=1, passkey_length=150, steps=4, warmup_steps=1, log_every=2, eval_every=4, save_every=100,
+    passkey_trials=1, passkey_length=256, steps=4, warmup_steps=1, log_every=2, eval_every=4, save_every=100,
 )
 
 

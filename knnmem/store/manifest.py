@@ -1,0 +1,158 @@
+"""The manifest of a store: reading it, and checking every field before anything trusts it.
+
+A manifest is JSON that anyone can edit or craft, so nothing in it is used unchecked: each field must
+be present and of its type, its own checksum must match (an edit or a flipped bit is refused, not
+read as another `k` or `nprobe`), and the data files it lists must be exactly those its geometry
+implies, at exactly the sizes it implies. Paths never come from it unchecked: the generation and the
+file names must have the forms the writer gives them, so none can point outside the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+
+FORMAT_VERSION = 2
+MANIFEST = "manifest.json"
+GENERATION = re.compile(r"data-[0-9a-f]{12}")
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_EXACT_SPECS = ("dense", "torch")  # backends without index files (see knnmem.memory.backends)
+
+
+class StoreError(ValueError):
+    """A store cannot be read or does not fit the model; the message names the file and the mismatch."""
+
+
+def checksum(manifest: dict) -> str:
+    """SHA-256 of every field but `checksum` itself, in a canonical JSON form."""
+    body = {name: value for name, value in manifest.items() if name != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of store `path`, checked (see `check_manifest`); `StoreError` naming what is wrong."""
+    file = Path(path) / MANIFEST
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise StoreError(f"{file}: missing; {path} is not a knnmem store (or its first save never completed)") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise StoreError(f"{file}: cannot be read ({error})") from None
+    try:
+        manifest = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise StoreError(f"{file}: not valid JSON ({error})") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise StoreError(f"{file}: format version {version!r} is not supported (this knnmem reads {FORMAT_VERSION}; "
+                         "re-index the corpus or re-save the memory with this version)")
+    if manifest.get("checksum") != checksum(manifest):
+        raise StoreError(f"{file}: contents do not match its checksum (corrupted or edited)")
+    check_manifest(manifest, file)
+    return manifest
+
+
+_CODEC_ARRAY = re.compile(r"layer\d+\.(keys|values)-\w+\.bin")
+
+
+def check_manifest(manifest: dict, file: Path) -> None:
+    """`StoreError` unless every field of `manifest` is present, of its type and consistent with the others."""
+
+    def need(name, kind, ok=lambda value: True, what=None, within=manifest):
+        value = within.get(name) if isinstance(within, dict) else None
+        if name not in within or not _is(value, kind) or not ok(value):
+            found = "missing" if name not in within else f"{value!r}"[:80]
+            raise StoreError(f"{file}: field {name!r} must be {what or kind.__name__}, found {found}")
+        return value
+
+    need("knnmem_version", str)
+    fingerprint = need("fingerprint", dict)
+    need("config", dict, bool, "a non-empty object", within=fingerprint)
+    need("kv_projections_sha256", str, _SHA256.fullmatch, "a SHA-256 digest", within=fingerprint)
+    layers = need("layers", list, lambda v: all(_is(x, int) and x >= 0 for x in v) and len(set(v)) == len(v),
+                  "a list of distinct layer numbers")
+    heads = need("num_heads", int, lambda v: v > 0, "a positive integer")
+    need("head_dim", int, lambda v: v > 0, "a positive integer")
+    need("dtype", str, _ITEMSIZE.__contains__, f"one of {sorted(_ITEMSIZE)}")
+    spec = need("index", str, str.strip, "an index spec")
+    need("k", int, lambda v: v > 0, "a positive integer")
+    entries = need("entries", int, lambda v: v >= 0, "a count")
+    faiss = spec not in _EXACT_SPECS
+    options = need("options", dict, lambda v: not faiss or {"train_size", "l2_reduction"} <= v.keys(),
+                   "an object (holding train_size and l2_reduction for a Faiss index)")
+    if faiss:
+        need("l2_reduction", bool, within=options)
+    in_range = lambda ids: all(_is(i, int) and 0 <= i < entries for i in ids)  # noqa: E731
+    per_layer = {str(layer) for layer in layers} if faiss and entries else set()
+    bounds = need("l2_bounds", dict, lambda v: v.keys() == per_layer, f"an object with layers {sorted(per_layer)}")
+    outliers = need("ivf_outliers", dict, lambda v: v.keys() == per_layer, f"an object with layers {sorted(per_layer)}")
+    for layer in per_layer:
+        need(layer, list, lambda v: len(v) == heads and all(b is None or _is(b, float) for b in v),
+             f"a list of {heads} numbers or nulls", within=bounds)
+        need(layer, list, lambda v: len(v) == heads and all(
+            isinstance(h, dict) and (h.get("radius") is None or _is(h.get("radius"), float))
+            and isinstance(h.get("ids"), list) and in_range(h["ids"]) for h in v),
+            f"a list of {heads} objects {{radius, ids}} with ids below {entries}", within=outliers)
+    need("documents", list, lambda v: all(
+        isinstance(d, dict) and d.keys() == {"id", "name", "start", "end"} and _is(d["id"], int)
+        and isinstance(d["name"], str) and _is(d["start"], int) and _is(d["end"], int)
+        and 0 <= d["start"] <= d["end"] <= entries for d in v),
+        f"a list of documents {{id, name, start, end}} within the {entries} entries")
+    if "codec" in manifest:  # absent in stores written before codecs: the cast codec of `dtype`
+        need("codec", str, str.strip, "a codec spec such as int8 or int8/pq8")
+    shapes = manifest.get("codec_arrays", {})
+    if "codec_arrays" in manifest:
+        need("codec_arrays", dict, lambda v: all(
+            _CODEC_ARRAY.fullmatch(name) and isinstance(shape, list) and all(_is(n, int) and n > 0 for n in shape)
+            for name, shape in v.items()), "an object of codec parameter files and their shapes")
+    need("generation", str, GENERATION.fullmatch, "a name data-<12 hex digits> (a directory of the store)")
+    files = need("files", dict)
+    expected, optional = data_files(manifest)
+    if not expected.keys() <= files.keys() <= expected.keys() | optional:
+        missing, extra = sorted(expected.keys() - files.keys()), sorted(files.keys() - expected.keys() - optional)
+        raise StoreError(f"{file}: lists the wrong data files (missing {missing}, unexpected {extra}) "
+                         f"for {len(layers)} layers x {heads} heads of a {spec!r} memory")
+    for name, record in files.items():
+        need(name, dict, _is_record, "an object {bytes, sha256} (and sample_sha256 for large files)", within=files)
+        if expected.get(name) is not None and record["bytes"] != expected[name]:
+            raise StoreError(f"{file}: lists {name} with {record['bytes']} bytes, but {entries} entries of this "
+                             f"geometry ({heads} heads x {manifest['head_dim']} dims of {manifest.get('codec', manifest['dtype'])}) "
+                             f"take {expected[name]}")
+
+
+def data_files(manifest: dict) -> tuple[dict[str, int | None], set[str]]:
+    """Every data file a store of this geometry has, with its size in bytes (None: checked on load, for Faiss
+    indexes and codes whose width depends on a trained codec), and the files it may also have."""
+    entries, heads, dim = manifest["entries"], manifest["num_heads"], manifest["head_dim"]
+    codec = manifest.get("codec", manifest["dtype"])  # a cast codec stores its dtype's bytes
+    array = entries * heads * dim * _ITEMSIZE[codec] if codec in _ITEMSIZE else None
+    keep_keys = manifest["options"].get("keep_keys", True) is not False
+    files: dict[str, int | None] = {"valid.bin": entries, "provenance.bin": entries * 3 * 8}
+    files |= {name: 4 * math.prod(shape) for name, shape in manifest.get("codec_arrays", {}).items()}  # float32
+    optional = set()
+    for layer in manifest["layers"]:
+        files |= {f"layer{layer}.values.bin": array} | ({f"layer{layer}.keys.bin": array} if keep_keys else {})
+        if manifest["index"] not in _EXACT_SPECS and entries:
+            files |= {f"layer{layer}.head{h}.faiss": None for h in range(heads)}
+            # without stored keys, the keys of IVF outliers are kept in a flat index beside each head's
+            optional |= {f"layer{layer}.head{h}.outliers.faiss" for h in range(heads)}
+    return files, optional
+
+
+def _is_record(record: dict) -> bool:
+    digests = [record.get("sha256")] + ([record["sample_sha256"]] if "sample_sha256" in record else [])
+    return _is(record.get("bytes"), int) and record["bytes"] >= 0 and all(
+        isinstance(d, str) and _SHA256.fullmatch(d) for d in digests)
+
+
+def _is(value, kind) -> bool:
+    """isinstance, except that a bool is not an int and an int is also a float (JSON does not tell them apart)."""
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    return isinstance(value, kind)
