@@ -136,6 +136,14 @@ def cmd_generate(args) -> None:
         print(f"  {token!r:>10}  {top.weight if top else 0:.3f}  {where}")
 
 
+def cmd_migrate(args) -> None:
+    from .store.format import migrate_store
+
+    manifest = migrate_store(args.store)
+    print(f"migrated {args.store} to store format {manifest['format_version']} ({manifest['entries']:,} entries, "
+          "data files unchanged)")
+
+
 def cmd_info(args) -> None:
     from .store import read_manifest
 
@@ -308,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("reports", nargs="+", help="report directories (or passkey.json files) of `knnmem passkey`")
     p.add_argument("--report", help="directory for the pooled passkey.json and passkey.png")
     p.set_defaults(func=cmd_passkey_merge)
+
+    p = sub.add_parser("migrate", help="rewrite the manifest of a store of the previous format in this one")
+    p.add_argument("store")
+    p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("info", help="describe a memory store")
     p.add_argument("store")

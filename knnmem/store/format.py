@@ -42,7 +42,7 @@ import faiss
 import numpy as np
 import torch
 
-from .manifest import FORMAT_VERSION, GENERATION, MANIFEST, StoreError, checksum, read_manifest
+from .manifest import FORMAT_VERSION, GENERATION, MANIFEST, StoreError, check_manifest, checksum, read_manifest
 
 LOCK = "write.lock"
 _DATA_FILE = re.compile(r"layer\d+\.(keys|values)(-\w+)?\.bin|layer\d+\.head\d+(\.outliers)?\.faiss|valid\.bin|provenance\.bin")
@@ -364,3 +364,59 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def migrate_store(path: str | Path) -> dict:
+    """Rewrite the manifest of a store written in format 1 (before manifests were checksummed) in this
+    format, after checking every data file against the SHA-256 the old manifest recorded. The data files
+    are not touched; the new manifest is committed as any save is (atomically, under the write lock).
+
+    Returns the new manifest. Raises `StoreError` if `path` is not a format-1 store, a file does not match
+    its old checksum, or the result is not a store this version can read.
+    """
+    path = Path(path)
+    file = path / MANIFEST
+    try:
+        old = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise StoreError(f"{file}: cannot be read as a manifest ({error})") from None
+    if not isinstance(old, dict) or old.get("format_version") != 1:
+        raise StoreError(f"{file}: not a format-1 store (format {old.get('format_version') if isinstance(old, dict) else None!r})")
+    generation = old.get("generation")
+    if not isinstance(generation, str) or not GENERATION.fullmatch(generation) or not isinstance(old.get("files"), dict):
+        raise StoreError(f"{file}: no valid generation and file list to migrate")
+    with _write_lock(path):
+        files = {}
+        for name, record in old["files"].items():
+            if not _DATA_FILE.fullmatch(str(name)) or not isinstance(record, dict):
+                raise StoreError(f"{file}: lists {name!r}, not a file a store writes")
+            data = path / generation / name
+            try:
+                buffer = memoryview(data.read_bytes())
+            except OSError as error:
+                raise StoreError(f"{data}: cannot be read ({_reason(error)})") from None
+            files[name] = _record(buffer)
+            if files[name]["sha256"] != record.get("sha256"):
+                raise StoreError(f"{data}: contents do not match the checksum in {MANIFEST} (corrupted)")
+        from .. import __version__
+
+        manifest = {**old, "format_version": FORMAT_VERSION, "knnmem_version": __version__, "files": files}
+        config = manifest.get("fingerprint", {}).get("config")
+        if isinstance(config, dict) and {"num_attention_heads", "hidden_size"} <= config.keys():
+            # fields fingerprinted since format 1, as every model of that time had them
+            config.setdefault("num_key_value_heads", config["num_attention_heads"])
+            config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
+            config.setdefault("mem_position_scheme", "longllama")
+        manifest.setdefault("ivf_outliers", {layer: [{"radius": None, "ids": []} for _ in range(old.get("num_heads", 0))]
+                                             for layer in old.get("l2_bounds", {})})
+        manifest.pop("checksum", None)
+        manifest["checksum"] = checksum(manifest)
+        check_manifest(manifest, file)  # before the commit: a store this version cannot read stays as it was
+        tmp = path / f"{MANIFEST}.{generation}.tmp"
+        try:
+            _write_file(tmp, json.dumps(manifest, indent=1).encode())
+            _commit(tmp, file)
+        except BaseException:
+            _remove(tmp)
+            raise
+    return manifest

@@ -49,7 +49,7 @@ def read_manifest(path: str | Path) -> dict:
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != FORMAT_VERSION:
         raise StoreError(f"{file}: format version {version!r} is not supported (this knnmem reads {FORMAT_VERSION}; "
-                         "re-index the corpus or re-save the memory with this version)")
+                         "migrate a format-1 store with `knnmem migrate STORE`, or re-index the corpus)")
     if manifest.get("checksum") != checksum(manifest):
         raise StoreError(f"{file}: contents do not match its checksum (corrupted or edited)")
     check_manifest(manifest, file)
