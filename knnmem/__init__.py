@@ -9,8 +9,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .eval.quality import RetrievalProbe, RetrievalQuality, retrieval_quality
 from .ingest import add_documents, encode_documents, index_corpus, read_corpus
-from .memory import BACKENDS, CrossBatchMemory, DenseMemory, Document, EntryStore, Memory, MemoryHits, TorchTopKMemory
-from .memory.faiss_index import FaissMemory
+from .memory import BACKENDS, CrossBatchMemory, DenseBackend, Document, EntryStore, Memory, MemoryHits, TorchTopKBackend
+from .memory.faiss_index import FaissBackend
 from .model import LongLlamaCache, LongLlamaConfig, LongLlamaForCausalLM, LongLlamaModel, load_pretrained
 from .store import StoreError
 
@@ -23,10 +23,10 @@ AutoModelForCausalLM.register(LongLlamaConfig, LongLlamaForCausalLM, exist_ok=Tr
 __all__ = [
     "BACKENDS",
     "CrossBatchMemory",
-    "DenseMemory",
+    "DenseBackend",
     "Document",
     "EntryStore",
-    "FaissMemory",
+    "FaissBackend",
     "LongLlamaCache",
     "LongLlamaConfig",
     "LongLlamaForCausalLM",
@@ -36,7 +36,7 @@ __all__ = [
     "RetrievalProbe",
     "RetrievalQuality",
     "StoreError",
-    "TorchTopKMemory",
+    "TorchTopKBackend",
     "add_documents",
     "encode_documents",
     "index_corpus",

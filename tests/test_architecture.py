@@ -77,7 +77,7 @@ def test_the_model_package_imports_neither_faiss_nor_store_ingestion_training_or
 
 
 def test_no_type_dispatch_on_backends_outside_the_memory_package():
-    backends = r"(FaissMemory|DenseMemory|TorchTopKMemory|CrossBatchMemory)"
+    backends = r"(FaissBackend|DenseBackend|TorchTopKBackend|CrossBatchMemory)"
     pattern = re.compile(rf"isinstance\([^)]*{backends}|hasattr\(\s*\w*backend")
     for name, path in MODULES.items():
         if not name.startswith("knnmem.memory"):

@@ -7,11 +7,11 @@ is saved or loaded, so the model can depend on this package alone.
 from .backends import BACKENDS, check_spec
 from .cross_batch import CrossBatchMemory
 from .entries import EntryStore
-from .exact import DenseMemory, TorchTopKMemory, exact_top_k
+from .exact import DenseBackend, TorchTopKBackend, exact_top_k
 from .manager import DEFAULT_INDEX, DEFAULT_K, Document, Memory
 from .protocol import LayerMemory, MemoryHits
 
 __all__ = [
-    "BACKENDS", "DEFAULT_INDEX", "DEFAULT_K", "CrossBatchMemory", "DenseMemory", "Document", "EntryStore",
-    "LayerMemory", "Memory", "MemoryHits", "TorchTopKMemory", "check_spec", "exact_top_k",
+    "BACKENDS", "DEFAULT_INDEX", "DEFAULT_K", "CrossBatchMemory", "DenseBackend", "Document", "EntryStore",
+    "LayerMemory", "Memory", "MemoryHits", "TorchTopKBackend", "check_spec", "exact_top_k",
 ]

@@ -7,14 +7,14 @@ whose backend is imported only when such a spec is used, so exact memory never l
 from __future__ import annotations
 
 from .entries import EntryStore
-from .exact import DenseMemory, TorchTopKMemory
+from .exact import DenseBackend, TorchTopKBackend
 from .protocol import LayerMemory
 
-BACKENDS = {"dense": DenseMemory, "torch": TorchTopKMemory}
+BACKENDS = {"dense": DenseBackend, "torch": TorchTopKBackend}
 
 
 def make_backend(spec: str, entries: EntryStore, *, k: int, **options) -> LayerMemory:
-    """The backend of one layer for `spec` over `entries`; `options` are those of `FaissMemory`.
+    """The backend of one layer for `spec` over `entries`; `options` are those of `FaissBackend`.
 
     Raises:
         ValueError: the spec is not a backend, or options were given to an exact backend.
@@ -26,9 +26,9 @@ def make_backend(spec: str, entries: EntryStore, *, k: int, **options) -> LayerM
         if given:
             raise ValueError(f"index {spec!r} takes no Faiss options, got {given}")
         return BACKENDS[spec](entries, k=k)
-    from .faiss_index import FaissMemory
+    from .faiss_index import FaissBackend
 
-    return FaissMemory(entries, spec=spec, k=k, **options)
+    return FaissBackend(entries, spec=spec, k=k, **options)
 
 
 def check_spec(spec: str, head_dim: int) -> str:

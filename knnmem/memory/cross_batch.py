@@ -58,7 +58,7 @@ class CrossBatchMemory:
     def add(self, layer: int, keys, values, valid) -> None:
         raise AssertionError("cross-batch memory has no layers to write")
 
-    def reorder_rows(self, index: torch.Tensor) -> None:
+    def reorder_rows(self, rows: torch.Tensor) -> None:
         raise ValueError("cross-batch memory is for training; it cannot be reordered (beam search)")
 
 

@@ -174,8 +174,8 @@ class EntryStore:
         keys, values = self.encoded()
         return (keys.nbytes if keys is not None else 0) + values.nbytes + self.valid.nbytes
 
-    def reorder_rows(self, index: torch.Tensor) -> None:
+    def reorder_rows(self, rows: torch.Tensor) -> None:
         if self._values is not None:
-            index = index.to(self._values.device)
-            self._values, self._valid = self._values[index], self._valid[index]
-            self._keys = self._keys[index] if self._keys is not None else None
+            rows = rows.to(self._values.device)
+            self._values, self._valid = self._values[rows], self._valid[rows]
+            self._keys = self._keys[rows] if self._keys is not None else None

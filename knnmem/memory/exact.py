@@ -75,7 +75,7 @@ class _ExactBackend:
     def reset(self) -> None:
         pass
 
-    def reorder_rows(self, index: torch.Tensor) -> None:
+    def reorder_rows(self, rows: torch.Tensor) -> None:
         pass
 
     def search_params(self) -> dict:
@@ -101,14 +101,14 @@ class _ExactBackend:
         pass
 
 
-class DenseMemory(_ExactBackend):
+class DenseBackend(_ExactBackend):
     """Every stored entry is attended to by every query: LongLLaMA's exact memory attention."""
 
     def search(self, queries: torch.Tensor, heads: slice) -> MemoryHits:
         return MemoryHits(self.entries.keys(heads), self.entries.values(heads), self.entries.valid)
 
 
-class TorchTopKMemory(_ExactBackend):
+class TorchTopKBackend(_ExactBackend):
     """Exact top-k retrieval by blocked matmul in torch: the fast exact choice on GPU."""
 
     def search(self, queries: torch.Tensor, heads: slice) -> MemoryHits:

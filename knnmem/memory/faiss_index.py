@@ -26,7 +26,7 @@ from .entries import EntryStore
 from .exact import top_k_hits
 from .protocol import MemoryHits
 
-# Entries searched exactly beside the IVF lists (see FaissMemory._insert) are worth a warning when they
+# Entries searched exactly beside the IVF lists (see FaissBackend._insert) are worth a warning when they
 # are both many (more than the 32 probed lists of 39 entries scan at training size) and over this share
 # of a row's entries in one head: the lists then describe the memory poorly and each query pays for it.
 OUTLIER_WARNING_SHARE, OUTLIER_WARNING_MIN = 0.1, 1000
@@ -41,7 +41,7 @@ def new_index(spec: str, head_dim: int, l2_reduction: bool = False) -> faiss.Ind
     """An empty index for `spec` ranking by inner product; `ValueError` if Faiss cannot build it.
 
     With `l2_reduction`, the index is an L2 index over vectors with one extra coordinate (see
-    `FaissMemory`), whose L2 ranking equals the inner-product ranking of the original vectors.
+    `FaissBackend`), whose L2 ranking equals the inner-product ranking of the original vectors.
     """
     dim, metric = (head_dim + 1, faiss.METRIC_L2) if l2_reduction else (head_dim, faiss.METRIC_INNER_PRODUCT)
     # Faiss accepts some specs it later aborts the process on (HNSW0 at the first add) or cannot search
@@ -67,7 +67,7 @@ def centroids(index: faiss.Index, spec: str) -> int:
 
 
 def default_search_params(index: faiss.Index, k: int) -> dict:
-    """What knnmem searches `index` with unless told: enough candidates for k results (see `FaissMemory`)."""
+    """What knnmem searches `index` with unless told: enough candidates for k results (see `FaissBackend`)."""
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         return {"nprobe": max(1, ivf.nlist // 32)}
@@ -93,7 +93,7 @@ def _single_threaded_faiss():
         faiss.omp_set_num_threads(threads)
 
 
-class FaissMemory:
+class FaissBackend:
     """Top-k retrieval from Faiss indexes, one per (batch row, head).
 
     Args:
@@ -381,12 +381,12 @@ class FaissMemory:
             for index in row:
                 _apply_params(faiss.downcast_index(index.index), self._search_params)
 
-    def reorder_rows(self, index: torch.Tensor) -> None:
-        self._rows = [_clone_row(self._rows[i]) for i in index.tolist()]
-        self._bounds = [list(self._bounds[i]) for i in index.tolist()]
-        self._radii = [list(self._radii[i]) for i in index.tolist()]
-        self._outliers = [list(self._outliers[i]) for i in index.tolist()]
-        self._outlier_keys = [_clone_row(self._outlier_keys[i]) for i in index.tolist()]
+    def reorder_rows(self, rows: torch.Tensor) -> None:
+        self._rows = [_clone_row(self._rows[i]) for i in rows.tolist()]
+        self._bounds = [list(self._bounds[i]) for i in rows.tolist()]
+        self._radii = [list(self._radii[i]) for i in rows.tolist()]
+        self._outliers = [list(self._outliers[i]) for i in rows.tolist()]
+        self._outlier_keys = [_clone_row(self._outlier_keys[i]) for i in rows.tolist()]
 
 
 def _unpack_state(indexes: dict, metadata: dict, heads: int, dim: int) -> tuple[list, list, list, list]:

@@ -62,10 +62,10 @@ class Memory:
         index: `"dense"`, `"torch"` or a Faiss factory string (inner-product metric).
         k: entries retrieved per query and head (top-k backends).
         train_size: entries a row needs before IVF/PQ indexes are trained (default: 39 per centroid).
-        l2_reduction: index Faiss specs by the inner-product-to-L2 reduction (see `FaissMemory`; default:
+        l2_reduction: index Faiss specs by the inner-product-to-L2 reduction (see `FaissBackend`; default:
             on for `IVF...,Flat` specs only).
         search_params: Faiss search parameters such as `efSearch=128` or `nprobe=64` (defaults: see
-            `FaissMemory`).
+            `FaissBackend`).
     """
 
     def __init__(
@@ -307,12 +307,12 @@ class Memory:
             self._backends[layer].reset()
         self.documents, self.provenance = [], None
 
-    def reorder_rows(self, index: torch.Tensor) -> None:
+    def reorder_rows(self, rows: torch.Tensor) -> None:
         if self.read_only:
             raise ValueError("a memory loaded from a store holds one row and cannot be reordered (beam search)")
         for layer in self.layers:
-            self._entries[layer].reorder_rows(index)
-            self._backends[layer].reorder_rows(index)
+            self._entries[layer].reorder_rows(rows)
+            self._backends[layer].reorder_rows(rows)
 
     def on_close(self, release: Callable[[], None]) -> None:
         """Call `release` when this memory is closed (the store registers the files it holds open)."""

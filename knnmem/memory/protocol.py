@@ -48,7 +48,7 @@ class LayerMemory(Protocol):
     def reset(self) -> None:
         """Forget every indexed entry (the entry store is reset by its owner)."""
 
-    def reorder_rows(self, index: torch.Tensor) -> None:
+    def reorder_rows(self, rows: torch.Tensor) -> None:
         """Keep batch rows `index` (in that order), as beam search requires."""
 
     def search_params(self) -> dict:
