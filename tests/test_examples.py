@@ -44,7 +44,7 @@ def test_persist_and_reload_gives_identical_answers(model_dir, tmp_path):
 def test_compare_exact_vs_approx(model_dir, tmp_path):
     out = run("compare_exact_vs_approx.py", "--model", model_dir, "--tokens", "300", "--index", "Flat", "--k", "8",
               "--report", tmp_path / "r", cwd=tmp_path)
-    assert "| dense | all |" in out and "| Flat | 8 |" in out
+    assert "| dense | float32 | all |" in out and "| Flat | float32 | 8 |" in out
     assert (tmp_path / "r" / "comparison.json").exists()
 
 

@@ -53,7 +53,8 @@ def test_an_edited_manifest_is_refused(store, model):
 
 def test_a_store_of_the_previous_format_is_refused(store, model):
     craft(store, lambda m: m.update(format_version=1))
-    refused(store, model, r"manifest.json: format version 1 is not supported \(this knnmem reads 2; re-index")
+    refused(store, model, r"manifest.json: format version 1 is not supported \(this knnmem reads 2; migrate a format-1 "
+                          r"store with `knnmem migrate STORE`")
 
 
 def test_a_changed_dtype_is_refused_not_reinterpreted(store, model):
