@@ -216,8 +216,7 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def load_pretrained(path: str | Path | None = None, device: str = "auto", **overrides):
     """The model at `path` (a checkpoint, a `.gguf` file or an adapter, see `resolve_checkpoint`; None: the
-    default model, `DEFAULT_MODEL`), in eval mode on `device`
-    (see `pick_device`), and its tokenizer.
+    default model, `DEFAULT_MODEL`), in eval mode on `device` (see `pick_device`), and its tokenizer.
 
     `overrides` replace fields of the saved config, e.g. `mem_layers=[]` for the same weights without
     memory layers. Raises `FileNotFoundError` when `path` is no checkpoint.
@@ -233,8 +232,6 @@ def load_pretrained(path: str | Path | None = None, device: str = "auto", **over
                                     "without its repository?): pass a model")
         path = DEFAULT_MODEL
     source = resolve_checkpoint(path)  # an adapter's base
-    if Path(path).is_dir() and read_adapter(path) is not None:
-        model = LongLlamaForCausalLM.from_pretrained(source, adapter=path, **overrides)
-    else:
-        model = LongLlamaForCausalLM.from_pretrained(source, **overrides)
+    adapter = path if Path(path).is_dir() and read_adapter(path) is not None else None
+    model = LongLlamaForCausalLM.from_pretrained(source, adapter=adapter, **overrides)
     return model.eval().to(target), AutoTokenizer.from_pretrained(source)
