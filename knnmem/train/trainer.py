@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 from ..eval.passkey import run_passkey, shortest_prompt
 from ..ingest.stdlib import stdlib_texts
 from ..memory import CrossBatchMemory, Memory
-from ..model import LongLlamaConfig, LongLlamaForCausalLM, pick_device, read_checkpoint_config, resolve_checkpoint
-from ..model.adapters import save_adapter
+from ..model import LongLlamaConfig, LongLlamaForCausalLM, pick_device, resolve_checkpoint
+from ..model.adapters import read_adapter, save_adapter
 from ..plotting import pyplot
 from .data import LOCAL_ANSWER, MEMORY_ANSWER, TrainingData
 from .synthetic import TEMPLATES
@@ -135,6 +135,16 @@ def tokenizer_texts(real: str) -> list[str]:
     return real[: 3_000_000].split("\n") + extra * 50
 
 
+def adapter_base(init_from: str) -> str | None:
+    """The base an adapter trained from `init_from` records: an adapter's own base (adapters do not chain;
+    None is the default model), else the checkpoint, absolute when it is a local path."""
+    found = read_adapter(init_from)
+    if found is not None:
+        return found["base"]
+    path = Path(init_from)
+    return str(path.resolve()) if path.exists() else init_from
+
+
 def trained_tensors(model: LongLlamaForCausalLM, train_only: str) -> list[str]:
     """Names of the parameters `train_only` trains (see `TRAINABLE`)."""
     return [name for name, _ in model.named_parameters() if TRAINABLE[train_only](name, model.config)]
@@ -148,9 +158,10 @@ def build_model(config: TrainConfig, vocab_size: int) -> LongLlamaForCausalLM:
                          max_position_embeddings=config.window, last_context_length=config.window // 2,
                          torch_attention=True)
     if config.init_from:
-        base = resolve_checkpoint(config.init_from)
-        model_config = read_checkpoint_config(base, **memory_fields)
-        return LongLlamaForCausalLM.from_pretrained(base, config=model_config, dtype=torch.float32)
+        # An adapter's own tensors load over its base; the run's memory fields override its config.
+        adapter = config.init_from if read_adapter(config.init_from) is not None else None
+        return LongLlamaForCausalLM.from_pretrained(resolve_checkpoint(config.init_from), adapter=adapter,
+                                                    dtype=torch.float32, **memory_fields)
     model_config = LongLlamaConfig(
         vocab_size=vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
@@ -266,8 +277,7 @@ class Trainer:
         self.model.save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)
         if self.config.train_only != "all":  # the trained tensors alone, loadable over the base weights
-            base = Path(self.config.init_from)
-            save_adapter(self.model, tmp / "adapter", base=str(base.resolve()) if base.exists() else str(base),
+            save_adapter(self.model, tmp / "adapter", base=adapter_base(self.config.init_from),
                          tensors=trained_tensors(self.model, self.config.train_only))
         # No pickle: a checkpoint is data that resuming reads, never code that it runs.
         from safetensors.torch import save_file

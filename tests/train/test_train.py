@@ -276,6 +276,16 @@ def test_fine_tunes_only_the_memory_attention_of_a_gqa_checkpoint_into_an_adapte
         TrainConfig(**{**TINY_RUN, "train_only": "memory_attention"})
 
 
+    # Training on from the adapter starts from its tensors, and the new adapter records the same base.
+    more = Trainer(TrainConfig(**{**config.__dict__, "init_from": str(adapter)}), tmp_path / "more")
+    for name, param in more.model.named_parameters():
+        torch.testing.assert_close(param, dict(trainer.model.named_parameters())[name], msg=name)
+    more.train_step()
+    more.save()
+    assert json.loads((tmp_path / "more" / "checkpoint" / "adapter" / "adapter.json").read_text())["base"] \
+        == str((tmp_path / "llama").resolve())
+
+
 def test_passkey_prompt_length_and_depth(tokenizer):
     for depth in (0.0, 0.5, 1.0):
         ids = passkey_prompt(tokenizer, 3000, depth, 4242)
