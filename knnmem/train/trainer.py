@@ -4,9 +4,9 @@
 `init_from` (a LongLLaMA or LLaMA checkpoint), writing to `out_dir`:
 
     tokenizer/            SentencePiece model + Hugging Face files
-    checkpoint/           the latest checkpoint, Hugging Face layout, plus trainer_state.json (step,
-                          configuration, optimiser hyperparameters) and optimizer.safetensors (its moments),
-                          and adapter/ (the trained tensors alone) when only some are trained
+    checkpoint/           the latest checkpoint: the model in Hugging Face layout, or adapter/ (the trained
+                          tensors alone, over `init_from`) when only some are trained; trainer_state.json
+                          (step, configuration, optimiser hyperparameters) and optimizer.safetensors (its moments)
     metrics.jsonl         one record per logged step and per evaluation
     loss.png              training and held-out loss, answer accuracy in the window and in memory
 
@@ -32,7 +32,7 @@ from ..eval.passkey import run_passkey, shortest_prompt
 from ..ingest.stdlib import stdlib_texts
 from ..memory import CrossBatchMemory, Memory
 from ..model import LongLlamaConfig, LongLlamaForCausalLM, pick_device, resolve_checkpoint
-from ..model.adapters import read_adapter, save_adapter
+from ..model.adapters import ADAPTER_WEIGHTS, read_adapter, save_adapter
 from ..plotting import pyplot
 from .data import LOCAL_ANSWER, MEMORY_ANSWER, TrainingData
 from .synthetic import TEMPLATES
@@ -252,8 +252,8 @@ class Trainer:
                              "use a new output directory or the same configuration")
         from safetensors.torch import load_file
 
-        self.model.load_state_dict(load_file(self.checkpoint_dir / "model.safetensors", device=str(self.device)),
-                                   strict=False)
+        weights = "model.safetensors" if self.config.train_only == "all" else f"adapter/{ADAPTER_WEIGHTS}"
+        self.model.load_state_dict(load_file(self.checkpoint_dir / weights, device=str(self.device)), strict=False)
         self.optimizer.load_state_dict(
             _optimizer_state(state["optimizer"], load_file(self.checkpoint_dir / "optimizer.safetensors",
                                                            device=str(self.device))))
@@ -274,9 +274,11 @@ class Trainer:
         """Write the checkpoint atomically (a new directory renamed over the old one)."""
         tmp = self.out / "checkpoint.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        if self.config.train_only != "all":  # the trained tensors alone, loadable over the base weights
+        tmp.mkdir()
+        if self.config.train_only == "all":
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+        else:  # the trained tensors alone, loadable over the frozen base weights: megabytes, not the whole model
             save_adapter(self.model, tmp / "adapter", base=adapter_base(self.config.init_from),
                          tensors=trained_tensors(self.model, self.config.train_only))
         # No pickle: a checkpoint is data that resuming reads, never code that it runs.

@@ -282,6 +282,12 @@ def test_fine_tunes_only_the_memory_attention_of_a_gqa_checkpoint_into_an_adapte
         torch.testing.assert_close(param, dict(trainer.model.named_parameters())[name], msg=name)
     more.train_step()
     more.save()
+    assert sorted(f.name for f in (tmp_path / "more" / "checkpoint").iterdir()) == [
+        "adapter", "optimizer.safetensors", "trainer_state.json"]  # no copy of the frozen base
+    resumed = Trainer(TrainConfig(**{**config.__dict__, "init_from": str(adapter)}), tmp_path / "more")
+    assert resumed.step == 1
+    for name, param in resumed.model.named_parameters():
+        torch.testing.assert_close(param, dict(more.model.named_parameters())[name], msg=name)
     assert json.loads((tmp_path / "more" / "checkpoint" / "adapter" / "adapter.json").read_text())["base"] \
         == str((tmp_path / "llama").resolve())
 
