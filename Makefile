@@ -19,6 +19,6 @@ install: $(BIN)/python
 test: install
 	$(BIN)/python -m pytest
 
-# Index the embedded corpus with the shipped model, persist and reload it, answer questions from it.
+# Index the embedded corpus with the default model, persist and reload it, answer questions from it.
 demo: install
-	$(BIN)/knnmem demo --model model/tiny --out indexes/demo
+	$(BIN)/knnmem demo --out indexes/demo

@@ -230,8 +230,7 @@ def cmd_demo(args) -> None:
     check_target(args.out)
     model, tokenizer = load_model(args)
     index = check_spec(args.index, model.config.head_dim)
-    compare_specs = [check_spec(s, model.config.head_dim) for s in args.compare]
-    run_demo(model, tokenizer, args.out, index=index, k=args.k, compare_specs=compare_specs)
+    run_demo(model, tokenizer, args.out, index=index, k=args.k, limit=args.questions, report=args.report)
 
 
 def cmd_train(args) -> None:
@@ -327,12 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", help="index the embedded corpus, reload it and answer questions from it")
-    p.add_argument("--model", default="model/tiny", help="model directory (default: the test model model/tiny)")
+    p.add_argument("--model", default=None, help="model (default: the default model)")
     p.add_argument("--out", default="indexes/demo", help="store directory (default indexes/demo)")
     p.add_argument("--index", default=DEFAULT_INDEX)
     p.add_argument("--k", type=parse_positive, default=DEFAULT_K)
-    p.add_argument("--compare", nargs="+", default=["Flat", "HNSW32", "IVF256,Flat"],
-                   help="index specs compared with exact memory at the end")
+    p.add_argument("--questions", type=parse_positive, default=None, help="ask only the first N questions")
+    p.add_argument("--report", default=None, help="also write every answer to this JSON file")
     _add_device(p)
     p.set_defaults(func=cmd_demo)
 

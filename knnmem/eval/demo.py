@@ -1,97 +1,138 @@
-"""The end-to-end demonstration: index a corpus, persist it, reload it, answer questions from memory.
+"""The end-to-end demonstration: index a corpus, persist it, reload it, answer questions from it.
 
-The embedded corpus (`knnmem/demo_data/`) is real text, held-out Python standard-library modules
-that the shipped model never trained on, with facts stated at random depths; each question's answer
-is one of those facts.
+The embedded corpus (`demo_data/`, made by `demo_corpus.py`) is real prose, the Python language
+reference, with one invented fact planted in each document. Every question is asked through the chat
+template and answered by greedy decoding, five ways, with the same model:
+
+    no memory      the question alone
+    <index>        the question, with the store as memory (the default index)
+    dense          the question, with exact memory over every stored entry
+    BM25 top-3     no memory; the three chunks BM25 ranks best are placed in the prompt
+    ceiling        no memory; the chunk that holds the answer is placed in the prompt
+
+so memory is measured against what a user would pick instead and against what the model can do at all.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from ..chat import encode_prompt
 from ..ingest import index_corpus
 from ..memory import Memory
-from .compare import compare_memories, markdown_table
+from .rag import Bm25Chunks, answered, chunks, passage_prompt
 
 DATA = Path(__file__).parent / "demo_data"
+QUESTION_PROMPT = "Answer briefly. {question}"
+BM25_TOP = 3
 
 
-def matches(generated: str, expected: str) -> bool:
-    """Whether `generated` begins with the whole of `expected` (not merely a prefix of a longer number)."""
-    rest = generated[len(expected):]
-    return generated.startswith(expected) and not (rest[:1].isalnum())
+@dataclass
+class Answer:
+    question: str
+    expected: str
+    approach: str
+    answer: str
+    correct: bool
+    seconds: float
+
+
+def demo_documents() -> list[tuple[str, str]]:
+    return [(row["name"], row["text"]) for row in map(json.loads, (DATA / "corpus.jsonl").read_text().splitlines())]
+
+
+def demo_questions() -> list[dict]:
+    return [json.loads(line) for line in (DATA / "questions.jsonl").read_text().splitlines()]
 
 
 @torch.no_grad()
-def answer_tokens_predicted(model, tokenizer, question: str, answer: str, memory) -> tuple[int, int]:
-    """(correct, total): answer tokens that are the greedy next token after the question and the answer so far."""
-    text = f"{question} {answer}"
-    encoded = tokenizer(text, return_offsets_mapping=True)
-    ids = torch.tensor([encoded["input_ids"]], device=model.device)
-    # Answer tokens: those ending inside the answer (a leading space token belongs to the question).
-    positions = [i for i, (_, end) in enumerate(encoded["offset_mapping"]) if end > len(question) + 1 and i > 0]
-    logits = model(input_ids=ids, memory=memory, use_cache=False).logits[0]
-    predicted = logits[[i - 1 for i in positions]].argmax(-1)
-    return int((predicted == ids[0, positions]).sum()), len(positions)
+def answer(model, tokenizer, prompt: str, memory: Memory | None, max_new_tokens: int) -> str:
+    """The first line of the model's greedy answer to the user message `prompt`."""
+    ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=model.device)
+    out = model.generate(ids, memory=memory, max_new_tokens=max_new_tokens, do_sample=False)
+    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    return text.split("\n")[0]
 
 
-def run_demo(model, tokenizer, store_dir: str | Path, *, index: str, k: int, compare_specs: list[str]) -> None:
-    """Index the embedded corpus into `store_dir` with `model`, reload it, answer its questions, compare with
-    exact memory."""
-    questions = [json.loads(line) for line in (DATA / "questions.jsonl").read_text().splitlines()]
+def ask_all(model, tokenizer, store_dir: str | Path, *, index: str, questions: list[dict],
+            documents: list[tuple[str, str]], max_new_tokens: int = 24, show=print) -> list[Answer]:
+    """Every question answered by every approach (see the module docstring); `show` gets one line each."""
+    texts = dict(documents)
+    bm25 = Bm25Chunks(documents)
+    stored = Memory.load(store_dir, model=model)
+    dense = stored.reindex("dense")
+    # Both memories keep what an answer adds in an overlay that `reset` drops: every question starts
+    # from the store alone.
+    dense.read_only = True
+    memories = {index: stored, "dense": dense}
 
+    results = []
+    for q in questions:
+        holding = next(c for c in chunks(texts[q["document"]]) if q["fact"] in c)
+        prompts = {
+            "no memory": QUESTION_PROMPT.format(question=q["question"]),
+            index: QUESTION_PROMPT.format(question=q["question"]),
+            "dense": QUESTION_PROMPT.format(question=q["question"]),
+            f"BM25 top-{BM25_TOP}": passage_prompt([c for _, c in bm25.search(q["question"], BM25_TOP)], q["question"]),
+            "ceiling": passage_prompt([holding], q["question"]),
+        }
+        row = []
+        for approach, prompt in prompts.items():
+            started = time.perf_counter()
+            memory = memories.get(approach)
+            if memory is not None:
+                memory.reset()
+            text = answer(model, tokenizer, prompt, memory, max_new_tokens)
+            results.append(Answer(q["question"], q["answer"], approach, text, answered(text, q["answer"]),
+                                  time.perf_counter() - started))
+            row.append(("✓ " if results[-1].correct else "✗ ") + text[:14])
+        show(f"   {q['question'][:58]:<58} {q['answer'][:14]:>14} " + " ".join(f"{cell:<16}" for cell in row))
+    stored.close()
+    return results
+
+
+def summary_table(results: list[Answer]) -> str:
+    """Markdown: per approach, questions answered exactly and mean seconds per answer."""
+    approaches = list(dict.fromkeys(r.approach for r in results))
+    lines = ["| approach | answered | s / answer |", "|---|---:|---:|"]
+    for approach in approaches:
+        mine = [r for r in results if r.approach == approach]
+        lines.append(f"| {approach} | {sum(r.correct for r in mine)} / {len(mine)} "
+                     f"| {sum(r.seconds for r in mine) / len(mine):.1f} |")
+    return "\n".join(lines)
+
+
+def run_demo(model, tokenizer, store_dir: str | Path, *, index: str, k: int, limit: int | None = None,
+             report: str | Path | None = None) -> list[Answer]:
+    """Index the embedded corpus into `store_dir`, reload it, answer its questions every way (see the module
+    docstring), print each answer and the summary; `report`: also write the answers there as JSON."""
+    documents, questions = demo_documents(), demo_questions()[:limit]
     corpus = DATA / "corpus.jsonl"
     shown = corpus.relative_to(Path.cwd()) if corpus.is_relative_to(Path.cwd()) else corpus
     print(f"1. Indexing the demo corpus ({shown}) with {index} (k={k}) into {store_dir}")
     started = time.perf_counter()
     built = index_corpus(model, tokenizer, [corpus], path=store_dir, index=index, k=k)
-    print(f"   {len(built.documents)} documents, {len(built):,} tokens, {time.perf_counter() - started:.0f} s")
+    print(f"   {len(built.documents)} documents, {len(built):,} tokens in memory, "
+          f"{time.perf_counter() - started:.0f} s")
     if built.train_size > len(built):
         print(f"   {index} trains once a memory holds {built.train_size:,} entries: until then it is searched exactly")
-    print()
+    built.close()
 
     started = time.perf_counter()
-    memory = Memory.load(store_dir, model=model)
-    print(f"2. Reloaded {store_dir} in {time.perf_counter() - started:.2f} s: {memory}\n")
-
-    print("3. Questions whose answers lie in the stored documents (greedy decoding):")
-    print(f"   {'question':<62} {'expected':>10} {index:>10} {'dense':>10}")
-    labels = (index, "dense", "no memory")
-    correct = dict.fromkeys(labels[:2], 0)
-    forced = dict.fromkeys(labels, 0)
-    answer_tokens = 0
-
-    def fresh(label: str) -> Memory:
-        """A fresh view of the store (or none) for each use: nothing read before is remembered."""
-        if label == index:
-            return Memory.load(store_dir, model=model)
-        return memory.reindex("dense") if label == "dense" else Memory.create(model)
-
-    for q in questions:
-        ids = torch.tensor([tokenizer(q["question"])["input_ids"]], device=model.device)
-        answers = {}
-        for label in labels:
-            hits, count = answer_tokens_predicted(model, tokenizer, q["question"], q["answer"], fresh(label))
-            forced[label] += hits
-            if label == "no memory":
-                answer_tokens += count
-                continue
-            out = model.generate(ids, memory=fresh(label), max_new_tokens=len(tokenizer(q["answer"])["input_ids"]) + 1,
-                                 do_sample=False)
-            answers[label] = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip().split("\n")[0]
-            correct[label] += matches(answers[label], q["answer"])
-        marks = {label: ("✓ " if matches(a, q["answer"]) else "✗ ") + a[:8] for label, a in answers.items()}
-        print(f"   {q['question'][:62]:<62} {q['answer']:>10} {marks[index]:>10} {marks['dense']:>10}")
-    print(f"   exact answers: {index} {correct[index]}/{len(questions)}, dense {correct['dense']}/{len(questions)}")
-    print("   answer tokens predicted given the question and the answer so far: "
-          + ", ".join(f"{label} {forced[label]}/{answer_tokens}" for label in labels) + "\n")
-
-    print("4. Exact dense memory against approximate indexes, reading all questions against the store:")
-    text = "\n".join(f"{q['question']} {q['answer']}." for q in questions)
-    rows = compare_memories(model, torch.tensor([tokenizer(text)["input_ids"]]), compare_specs, ks=[k],
-                            base=memory.reindex("dense"))
-    print(markdown_table(rows))
+    with Memory.load(store_dir, model=model) as memory:
+        print(f"\n2. Reloaded {store_dir} in {time.perf_counter() - started:.2f} s: {memory}\n")
+    print(f"3. {len(questions)} questions whose answers lie only in the stored documents (greedy decoding):")
+    approaches = ["no memory", index, "dense", f"BM25 top-{BM25_TOP}", "ceiling"]
+    print(f"   {'question':<58} {'expected':>14} " + " ".join(f"{a[:16]:<16}" for a in approaches))
+    results = ask_all(model, tokenizer, store_dir, index=index, questions=questions, documents=documents)
+    print("\n4. Summary\n")
+    print(summary_table(results))
+    if report:
+        Path(report).write_text(json.dumps([asdict(r) for r in results], indent=1) + "\n")
+        print(f"\nwrote {report}")
+    return results

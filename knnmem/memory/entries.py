@@ -149,10 +149,17 @@ class EntryStore:
         flat = ids.clamp_min(0).reshape(batch, num_heads, num_queries * k)  # (B, h, T*K)
         valid = self.valid[:, None, :].expand(-1, num_heads, -1).gather(2, flat).view_as(ids) & (ids >= 0)
 
+        first_head = heads.indices(self.num_heads)[0]
+        planes = (torch.arange(batch, device=ids.device)[:, None, None] * self.num_heads
+                  + torch.arange(first_head, first_head + num_heads, device=ids.device)[None, :, None])
+
         def gather(stored: torch.Tensor, codec: Codec) -> torch.Tensor:
-            index = flat[..., None].expand(-1, -1, -1, stored.shape[-1])
-            picked = stored[:, heads, : self._size].gather(2, index)
-            return codec.decode(picked, heads).view(batch, num_heads, num_queries, k, -1)
+            # Rows of the (B*H*capacity, D) view picked with index_select: several times faster on CPU
+            # than `gather` with an index expanded over D.
+            rows = (planes * stored.shape[2] + flat).reshape(-1)
+            picked = stored.reshape(-1, stored.shape[-1]).index_select(0, rows)
+            return codec.decode(picked.view(batch, num_heads, num_queries * k, -1), heads).view(
+                batch, num_heads, num_queries, k, -1)
 
         values = gather(self._values, self.value_codec)
         if not keys:

@@ -21,7 +21,9 @@ def score_blocks(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
     for start in range(0, keys.shape[2], block):
         chunk = keys[:, :, start : start + block].to(queries.dtype)
         scores = torch.matmul(queries, chunk.transpose(-1, -2)).float()
-        yield start, scores.masked_fill(~valid[:, None, None, start : start + block], float("-inf"))
+        chunk_valid = valid[:, start : start + block]
+        # The common case (no padding) skips a pass over the whole score block.
+        yield start, scores if bool(chunk_valid.all()) else scores.masked_fill_(~chunk_valid[:, None, None], float("-inf"))
 
 
 def exact_top_k(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, k: int,

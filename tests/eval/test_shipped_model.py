@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import knnmem
-from knnmem.eval.demo import DATA, answer_tokens_predicted
+from knnmem.eval.demo import DATA
 from knnmem.eval.passkey import passkey_prompt
 from knnmem.train.synthetic import TEMPLATES, entity, value
 
@@ -16,6 +16,18 @@ MODEL = Path(__file__).resolve().parents[2] / "model" / "tiny"
 TRIALS, FILLER_CHARS = 4, 20_000  # about 8k tokens between each fact and its question
 # Measured on 8 such facts: 31 of 35 answer tokens with HNSW32 memory, 5 of 35 from the question alone.
 KNN_AT_LEAST, MARGIN = 0.7, 0.4
+
+
+@torch.no_grad()
+def answer_tokens_predicted(model, tokenizer, question: str, answer: str, memory) -> tuple[int, int]:
+    """(correct, total): answer tokens that are the greedy next token after the question and the answer so far."""
+    encoded = tokenizer(f"{question} {answer}", return_offsets_mapping=True)
+    ids = torch.tensor([encoded["input_ids"]], device=model.device)
+    # Answer tokens: those ending inside the answer (a leading space token belongs to the question).
+    positions = [i for i, (_, end) in enumerate(encoded["offset_mapping"]) if end > len(question) + 1 and i > 0]
+    logits = model(input_ids=ids, memory=memory, use_cache=False).logits[0]
+    predicted = logits[[i - 1 for i in positions]].argmax(-1)
+    return int((predicted == ids[0, positions]).sum()), len(positions)
 
 
 @pytest.fixture(scope="module")
