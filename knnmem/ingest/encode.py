@@ -49,7 +49,8 @@ def encode_documents(
         # The document's own earlier windows only, as the model wrote them (encoded once, into `memory`).
         scratch = memory.empty_like("dense", codec=None, keep_keys=True)
         ids = torch.tensor(tokens, dtype=torch.long, device=device)[None]
-        model(input_ids=ids, memory=scratch, use_cache=False)
+        # Only what stored entries depend on is computed: nothing above the last memory layer.
+        model.get_decoder()(input_ids=ids, memory=scratch, use_cache=False, entries_only=True)
         start = len(memory)
         for layer in memory.layers:
             for keys, values, valid in scratch.entries(layer).chunks():

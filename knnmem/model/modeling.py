@@ -96,6 +96,10 @@ class LongLlamaAttention(nn.Module):
             self.inv_freq = self.rope.inv_freq().to(x.device)
         return apply_rotary(x, positions, self.inv_freq, self.rope_scaling)
 
+    def key_values(self, hidden: torch.Tensor) -> KeyValue:
+        """The raw (unrotated) keys and values (B, Hkv, T, D) of `hidden`: what memory and cache store."""
+        return self._heads(self.k_proj(hidden), self.num_kv_heads), self._heads(self.v_proj(hidden), self.num_kv_heads)
+
     def forward(
         self,
         hidden: torch.Tensor,
@@ -105,7 +109,7 @@ class LongLlamaAttention(nn.Module):
         memory: Memory | None,
     ) -> tuple[torch.Tensor, KeyValue]:
         q = self._heads(self.q_proj(hidden), self.num_heads)  # (B, H, T, D)
-        k, v = self._heads(self.k_proj(hidden), self.num_kv_heads), self._heads(self.v_proj(hidden), self.num_kv_heads)
+        k, v = self.key_values(hidden)
         num_queries = q.shape[2]
         keys, values, span_positions, span_valid = k, v, positions, valid
         if past is not None:
@@ -161,6 +165,9 @@ class LongLlamaDecoderLayer(nn.Module):
         self.mlp = LongLlamaMLP(config)
         self.input_layernorm = LongLlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = LongLlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def key_values(self, hidden) -> KeyValue:
+        return self.self_attn.key_values(self.input_layernorm(hidden))
 
     def forward(self, hidden, positions, valid, past, memory) -> tuple[torch.Tensor, KeyValue]:
         attn_out, new_kv = self.self_attn(self.input_layernorm(hidden), positions, valid, past, memory)
@@ -255,6 +262,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         use_cache: bool | None = None,
         memory: Memory | None = None,
         last_context_length: int | None = None,
+        entries_only: bool = False,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """Run an input of any length.
@@ -268,6 +276,9 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             memory: the `Memory` to read and write (a `CrossBatchMemory` in FoT training); by default the
                 cache's, else a new dense one.
             last_context_length: tokens at the end kept out of memory (default: the config's).
+            entries_only: only write the input's entries to `memory` (no cache, no hidden states returned):
+                layers above the last memory layer, and that layer's attention, are skipped, since
+                stored keys and values do not depend on them.
         """
         cache = _cache_argument(cache, kwargs)
         _reject_unsupported(kwargs)
@@ -286,6 +297,8 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             raise TypeError(f"cache must be a LongLlamaCache returned by this model, got {type(cache).__name__}")
         if cache is not None and not use_cache:
             raise ValueError("cache was given with use_cache=False; pass use_cache=True to continue a cache")
+        if entries_only and (use_cache or cache is not None):
+            raise ValueError("entries_only writes memory and keeps no cache: pass use_cache=False and no cache")
         valid = _padding_flags(attention_mask, batch, length, cache, embeds.device)
         positions = _positions(position_ids, batch, length, cache, embeds.device)
         window = config.max_position_embeddings
@@ -296,7 +309,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         if use_cache and cache is None:
             cache = LongLlamaCache(memory, config.num_hidden_layers)
 
-        to_memory = max(length - last, 0)
+        to_memory = length if entries_only else max(length - last, 0)
         chunks = [(s, min(s + window, to_memory)) for s in range(0, to_memory, window)] + [(to_memory, length)]
         hidden_out = []
         for i, (start, end) in enumerate(chunks):
@@ -308,7 +321,10 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
                 self._write_memory(memory, [cache.layer(j)[:2] for j in range(len(self.layers))], cache.valid)
                 cache.clear()
             past = cache if keep_in_cache else None
-            hidden, new_kv = self._forward_chunk(embeds[:, span], positions[:, span], valid[:, span], past, memory)
+            if end == start:  # every token went to memory in full windows
+                continue
+            hidden, new_kv = self._forward_chunk(embeds[:, span], positions[:, span], valid[:, span], past, memory,
+                                                 entries_only=entries_only)
             if keep_in_cache:
                 cache.append(new_kv, positions[:, span], valid[:, span])
             else:
@@ -317,14 +333,22 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         if cache is not None:
             cache.seen_tokens += length
         return BaseModelOutputWithPast(
-            last_hidden_state=torch.cat(hidden_out, dim=1), cache=cache if use_cache else None
+            last_hidden_state=None if entries_only else torch.cat(hidden_out, dim=1), cache=cache if use_cache else None
         )
 
-    def _forward_chunk(self, embeds, positions, valid, cache, memory) -> tuple[torch.Tensor, list[KeyValue]]:
-        """One chunk through every layer; returns final hidden states and each layer's new (k, v)."""
+    def _forward_chunk(self, embeds, positions, valid, cache, memory, *, entries_only: bool = False
+                       ) -> tuple[torch.Tensor | None, list[KeyValue]]:
+        """One chunk through every layer; returns final hidden states and each layer's new (k, v).
+
+        With `entries_only`, the chunk stops at the last memory layer's keys and values (hidden states None).
+        """
         hidden, new_kv = embeds, []
         every = self.config.gradient_checkpoint_every_ith
+        last_memory_layer = max(self.config.mem_layers, default=-1)
         for idx, layer in enumerate(self.layers):
+            if entries_only and idx == last_memory_layer:
+                new_kv.append(layer.key_values(hidden))
+                return None, new_kv
             past = cache.layer(idx) if cache is not None else None
             if self.gradient_checkpointing and self.training and idx % every == 0:
                 hidden, kv = checkpoint(layer, hidden, positions, valid, past, memory, use_reentrant=False)
