@@ -108,9 +108,8 @@ def cmd_index(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    import torch
-
     from .chat import encode_prompt
+    from .decoding import Sampling, generate
     from .eval.explain import explain_generation
     from .memory import Memory
 
@@ -120,9 +119,7 @@ def cmd_generate(args) -> None:
     if args.k:
         memory.k = args.k
     if not args.explain:
-        ids = torch.tensor([ids], device=model.device)
-        out = model.generate(ids, memory=memory, max_new_tokens=args.max_new_tokens, do_sample=False)
-        print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        print(generate(model, tokenizer, memory, ids, Sampling(max_new_tokens=args.max_new_tokens)).text)
         return
     explanation = explain_generation(model, tokenizer, memory, ids, max_new_tokens=args.max_new_tokens)
     print(explanation.answer)
