@@ -5,8 +5,10 @@ Each app has a registry of its own, so several servers (tests) in one process co
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+disable_created_metrics()  # the *_created series would double the page, and rates need only the counters
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Seconds: from a few tokens of the test model to long answers of the default model on a CPU.

@@ -99,7 +99,7 @@ def parse(model: type[_Generation], body: bytes) -> _Generation:
         return model.model_validate(data)
     except ValidationError as error:
         first = error.errors()[0]
-        param = ".".join(str(part) for part in first["loc"])
+        param = ".".join(str(part) for part in _field_path(data, first["loc"], missing=first["type"] == "missing"))
         if first["type"] == "extra_forbidden":
             message = f"unrecognized request argument: {param}"
         elif first["type"] == "missing":
@@ -108,4 +108,19 @@ def parse(model: type[_Generation], body: bytes) -> _Generation:
             shown = json.dumps(first.get("input"))
             shown = shown if len(shown) <= 60 else shown[:57] + "..."
             message = f"{param or 'request'}: {first['msg'].removeprefix('Value error, ')} (got {shown})"
-        raise APIError(400, message, param=param or None, code="invalid_value") from None
+        code = "unknown_parameter" if first["type"] == "extra_forbidden" else "invalid_value"
+        raise APIError(400, message, param=param or None, code=code) from None
+
+
+def _field_path(data, loc: tuple, *, missing: bool) -> list:
+    """The part of a validation error's location that names the request's field: pydantic also appends the
+    member of a union it tried (`content.str`), which is no field of the request."""
+    path = []
+    for part in loc:
+        present = (isinstance(data, dict) and part in data) or (
+            isinstance(data, list) and isinstance(part, int) and part < len(data))
+        if not present:
+            return path + [part] if missing else path
+        path.append(part)
+        data = data[part]
+    return path
