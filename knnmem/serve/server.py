@@ -24,6 +24,8 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         self.app.state.scheduler.stop_accepting()
         super().handle_exit(sig, frame)
+        # uvicorn raises the signal again once it has shut down, to die by it; a graceful stop exits with 0.
+        self._captured_signals.clear()
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
@@ -45,3 +47,4 @@ def run_server(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, wor
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=shutdown_timeout)
     _Server(config, app).run()
+    print("knnmem serve: stopped", file=sys.stderr)
