@@ -33,7 +33,6 @@ class TextPart(_Strict):
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart]
-    name: str | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
