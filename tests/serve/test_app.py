@@ -9,7 +9,7 @@ from knnmem.cli import main
 from knnmem.decoding import Sampling, generate
 from knnmem.eval.explain import explain_generation
 
-from conftest import running
+from serving import engine, running, server, store, tiny  # noqa: F401 (fixtures)
 
 PROMPT = "import os"
 

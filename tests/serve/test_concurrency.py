@@ -8,7 +8,7 @@ import pytest
 
 from knnmem.serve.engine import Engine
 
-from conftest import running
+from serving import engine, running, server, store, tiny  # noqa: F401 (fixtures)
 
 # Longer than the test model's last context (128 tokens): its first windows go to the request's overlay.
 LONG_PROMPT = "def handler(request):\n    return request.body\n" * 20  # 361 tokens

@@ -12,7 +12,7 @@ import pytest
 
 from knnmem.cli import main, parse_memory
 
-from conftest import TINY
+from serving import TINY, store, tiny  # noqa: F401 (fixtures)
 
 
 def start(store, *options) -> tuple[subprocess.Popen, str, str]:

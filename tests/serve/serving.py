@@ -1,4 +1,8 @@
-"""A server on a free loopback port in this process: the test model `model/tiny` and a small store built here."""
+"""A server on a free loopback port in this process: the test model `model/tiny` and a small store built here.
+
+Test modules import these fixtures (a second conftest.py would shadow `tests/conftest.py`, which other
+test modules import by name).
+"""
 
 import threading
 import time
