@@ -1,4 +1,4 @@
-"""Prompts for instruction models: a user message in the tokenizer's chat template, or plain text."""
+"""Prompts for instruction models: a user message or a conversation in the tokenizer's chat template, or plain text."""
 
 from __future__ import annotations
 
@@ -17,12 +17,23 @@ def encode_prompt(tokenizer, prompt: str, *, chat: bool | None = None, answer_pr
         ValueError: `chat=True` with a tokenizer that has no chat template.
     """
     chat = has_chat_template(tokenizer) if chat is None else chat
+    if chat and not has_chat_template(tokenizer):
+        raise ValueError("this tokenizer has no chat template: generate without --chat (plain text prompts)")
     if not chat:
         return tokenizer(prompt + (" " + answer_prefix if answer_prefix else ""))["input_ids"]
+    return encode_messages(tokenizer, [{"role": "user", "content": prompt}], answer_prefix=answer_prefix)
+
+
+def encode_messages(tokenizer, messages: list[dict], *, answer_prefix: str = "") -> list[int]:
+    """Token ids of a conversation (`{"role", "content"}` dicts) ending with the assistant's turn to answer.
+
+    A tokenizer without a chat template (a base model) gets the messages' contents as plain text, one per
+    line, for the model to continue.
+    """
     if not has_chat_template(tokenizer):
-        raise ValueError("this tokenizer has no chat template: generate without --chat (plain text prompts)")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+        text = "\n".join(message["content"] for message in messages)
+        return tokenizer(text + (" " + answer_prefix if answer_prefix else ""))["input_ids"]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text + answer_prefix, add_special_tokens=False)["input_ids"]
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 import warnings
+from pathlib import Path
 
 
 MODEL_HELP = ("model directory, .gguf file, adapter directory or hub id (default: SmolLM2-135M-Instruct with "
@@ -108,9 +110,8 @@ def cmd_index(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    import torch
-
     from .chat import encode_prompt
+    from .decoding import Sampling, generate
     from .eval.explain import explain_generation
     from .memory import Memory
 
@@ -120,9 +121,7 @@ def cmd_generate(args) -> None:
     if args.k:
         memory.k = args.k
     if not args.explain:
-        ids = torch.tensor([ids], device=model.device)
-        out = model.generate(ids, memory=memory, max_new_tokens=args.max_new_tokens, do_sample=False)
-        print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        print(generate(model, tokenizer, memory, ids, Sampling(max_new_tokens=args.max_new_tokens)).text)
         return
     explanation = explain_generation(model, tokenizer, memory, ids, max_new_tokens=args.max_new_tokens)
     print(explanation.answer)
@@ -134,6 +133,38 @@ def cmd_generate(args) -> None:
         top = passages[0] if passages else None
         where = f"{top.document} @ {top.position}: {top.text}" if top else "(no memory)"
         print(f"  {token!r:>10}  {top.weight if top else 0:.3f}  {where}")
+
+
+def parse_memory(text: str) -> tuple[str, str]:
+    """'NAME=STORE' or 'STORE' (named after its directory) as (name, store)."""
+    name, sep, store = text.partition("=")
+    if not sep or "/" in name:  # a path that merely contains '='
+        name, store = Path(text.rstrip("/")).name, text
+    if not name or "+" in name:
+        raise argparse.ArgumentTypeError(f"memory names must be non-empty and without '+', got {text!r}")
+    return name, store
+
+
+def cmd_serve(args) -> None:
+    from .memory import Memory
+    from .serve import Engine, Limits, model_name, run_server
+
+    names = [name for name, _ in args.memory]
+    if len(set(names)) < len(names):
+        raise UsageError(f"memory names must differ, got {names}: name them with --memory NAME=STORE")
+    model, tokenizer = load_model(args)
+    memories = {}
+    try:
+        for name, store in args.memory:
+            memories[name] = Memory.load(store, model=model)
+        engine = Engine(model, tokenizer, memories, name=model_name(args.model),
+                        limits=Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens))
+        engine.warm_up()
+        run_server(engine, host=args.host, port=args.port, workers=args.workers, max_queue=args.max_queue,
+                   api_key=args.api_key, shutdown_timeout=args.shutdown_timeout)
+    finally:
+        for memory in memories.values():
+            memory.close()
 
 
 def cmd_migrate(args) -> None:
@@ -170,8 +201,6 @@ def cmd_info(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from pathlib import Path
-
     import torch
 
     from .eval.compare import compare_memories, markdown_table, write_report
@@ -282,6 +311,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt as a user turn of the tokenizer's chat template (default: when it has one)")
     _add_device(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server answering from stored memories")
+    p.add_argument("--memory", action="append", required=True, type=parse_memory, metavar="[NAME=]STORE",
+                   help="store to answer from, requested as model MODEL+NAME (repeatable; NAME: the directory's name)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one)")
+    p.add_argument("--api-key", default=os.environ.get("KNNMEM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $KNNMEM_API_KEY)")
+    p.add_argument("--workers", type=parse_positive, default=1, help="generations run at once (default 1)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond those; more are answered 429 "
+                   "(default 16)")
+    p.add_argument("--max-prompt-tokens", type=parse_tokens, default=8192, help="longest prompt (default 8192)")
+    p.add_argument("--max-tokens", type=parse_positive, default=256, help="longest answer (default 256)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds running generations may take to finish after SIGTERM before they are cancelled")
+    _add_device(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("compare", help="exact dense memory against index specs on the same input")
     p.add_argument("--model", default=None, help=MODEL_HELP)

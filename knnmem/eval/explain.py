@@ -1,7 +1,7 @@
 """Which stored passages the memory layers attended to while generating.
 
-`explain_generation` decodes greedily with an `AttentionRecorder` observing the memory: for each
-generated token it keeps, per memory layer and key/value heads searched, the memory-softmax weights
+`explain_generation` decodes greedily with an `AttentionRecorder` observing the memory (any decoding
+can: pass it to `knnmem.decoding.generate` and summarize with `explain`): for each generated token it keeps, per memory layer and key/value heads searched, the memory-softmax weights
 of the newest query of every query head over the retrieved entries, averages them over heads and
 layers, and maps the entries back to their documents and positions through the store's provenance.
 """
@@ -12,8 +12,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor
 
+from ..decoding import Generated, Sampling, generate
 from ..memory import Memory, MemoryHits
 
 
@@ -21,8 +22,10 @@ class AttentionRecorder(LogitsProcessor):
     """Observes a memory's searches and, at each generation step, turns the last search of every
     (layer, heads) into the weights the newest queries gave each entry.
 
+    Observes while used as a context manager (`with AttentionRecorder(memory, groups) as recorder:`).
+
     Args:
-        memory: the memory to observe (the recorder appends itself to its observers).
+        memory: the memory to observe.
         groups: query heads per key/value head; searches lay their queries out as G blocks of T.
     """
 
@@ -30,7 +33,13 @@ class AttentionRecorder(LogitsProcessor):
         self.memory, self.groups = memory, groups
         self.steps: list[dict[int, float]] = []  # per generated token: entry id -> weight
         self._last: dict[tuple[int, int], tuple[torch.Tensor, MemoryHits]] = {}
-        memory.observers.append(self.observe)
+
+    def __enter__(self) -> "AttentionRecorder":
+        self.memory.observers.append(self.observe)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.memory.observers.remove(self.observe)
 
     def observe(self, layer: int, queries: torch.Tensor, heads: slice, hits: MemoryHits) -> None:
         # Only each forward's last search of (layer, heads) holds the newest query; keep that one.
@@ -88,32 +97,30 @@ def describe(memory: Memory, tokenizer, entry: int, weight: float, context: int 
     return Passage(doc.name, int(provenance[entry, 1]), f"{before}[{token}]{after}".replace("\n", " "), weight)
 
 
-@torch.no_grad()
+def explain(recorder: AttentionRecorder, tokenizer, generated: Generated, *, top: int = 3) -> Explanation:
+    """The passages `recorder` saw attended to for each token of `generated`, and over the whole answer."""
+    memory, tokens = recorder.memory, generated.tokens
+    steps = recorder.steps[: len(tokens)]
+    overall: dict[int, float] = defaultdict(float)
+    for weights in steps:
+        for entry, weight in weights.items():
+            overall[entry] += weight / max(len(tokens), 1)
+    ranked = lambda weights: sorted(weights.items(), key=lambda kv: -kv[1])[:top]  # noqa: E731
+    return Explanation(
+        answer=generated.text,
+        tokens=[tokenizer.decode([t]) for t in tokens],
+        per_token=[[describe(memory, tokenizer, e, w) for e, w in ranked(weights)] for weights in steps],
+        overall=[describe(memory, tokenizer, e, w) for e, w in ranked(overall)],
+    )
+
+
 def explain_generation(model, tokenizer, memory: Memory, prompt: str | list[int], *, max_new_tokens: int = 16,
                        top: int = 3) -> Explanation:
     """Greedy generation from `prompt` (text, or token ids such as `chat.encode_prompt` gives) with `memory`,
     reporting the passages each token attended to."""
     config = model.config
-    recorder = AttentionRecorder(memory, config.num_attention_heads // config.num_key_value_heads)
-    try:
-        ids = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
-        ids = torch.tensor([ids], device=model.device)
-        out = model.generate(ids, memory=memory, max_new_tokens=max_new_tokens, do_sample=False,
-                             logits_processor=LogitsProcessorList([recorder]))
-    finally:
-        memory.observers.remove(recorder.observe)
-    generated = out[0, ids.shape[1]:].tolist()
-    if generated and generated[-1] == tokenizer.eos_token_id:
-        generated = generated[:-1]
-    steps = recorder.steps[: len(generated)]
-    overall: dict[int, float] = defaultdict(float)
-    for weights in steps:
-        for entry, weight in weights.items():
-            overall[entry] += weight / max(len(generated), 1)
-    ranked = lambda weights: sorted(weights.items(), key=lambda kv: -kv[1])[:top]  # noqa: E731
-    return Explanation(
-        answer=tokenizer.decode(generated, skip_special_tokens=True),
-        tokens=[tokenizer.decode([t]) for t in generated],
-        per_token=[[describe(memory, tokenizer, e, w) for e, w in ranked(weights)] for weights in steps],
-        overall=[describe(memory, tokenizer, e, w) for e, w in ranked(overall)],
-    )
+    ids = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
+    with AttentionRecorder(memory, config.num_attention_heads // config.num_key_value_heads) as recorder:
+        generated = generate(model, tokenizer, memory, ids, Sampling(max_new_tokens=max_new_tokens),
+                             logits_processors=[recorder])
+    return explain(recorder, tokenizer, generated, top=top)

@@ -8,6 +8,8 @@ attention to every entry), `"torch"` (exact top-k by blocked matmul), or any Fai
 
 from __future__ import annotations
 
+import copy
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
@@ -110,7 +112,9 @@ class Memory:
         self.path: Path | None = None  # the store this memory was loaded from
         self.read_only = False  # loaded stores: additions go to an in-memory overlay
         self.overlay: Memory | None = None
+        self.search_seconds = 0.0  # time spent in `search`, overlay included: what retrieval costs a caller
         self._closers: list[Callable[[], None]] = []  # release what a loaded store holds open
+        self._shared = False  # a view: its stored entries belong to another memory, which closes them
 
     @classmethod
     def create(cls, model_or_config, *, index: str = "dense", **options) -> "Memory":
@@ -126,6 +130,20 @@ class Memory:
 
             memory.fingerprint = model_fingerprint(model_or_config)
         return memory
+
+    def view(self) -> "Memory":
+        """A memory reading this read-only memory's stored entries, with an overlay and observers of its own.
+
+        Concurrent generations each read their own view, so none sees what another's generation adds; a
+        view's overlay goes when the view does. Closing a view releases nothing of the store. The stored
+        entries must not change while views read them, hence read-only memories only.
+        """
+        if not self.read_only:
+            raise ValueError("only a read-only memory (a store opened without writable=True) can be shared by views")
+        view = copy.copy(self)
+        view.overlay, view.observers, view.add_observers, view._closers = None, [], [], []
+        view.search_seconds, view._shared = 0.0, True
+        return view
 
     def empty_like(self, index: str | None = None, **options) -> "Memory":
         """An empty memory of the same geometry, dtype and codec (and spec and options unless `index` is given)."""
@@ -288,10 +306,12 @@ class Memory:
         `window` (the keys and values being read) serves memories built from it, such as cross-batch
         training's; stored memories ignore it.
         """
+        started = time.perf_counter()
         stored = len(self._entries[layer])
         hits = self._backends[layer].search(queries, heads) if stored else None
         extra = self.overlay.search(layer, queries, heads) if self.overlay is not None else None
         hits = merge_hits(hits, extra, offset=stored)
+        self.search_seconds += time.perf_counter() - started
         if hits is not None:
             for observe in self.observers:
                 observe(layer, queries, heads, hits)
@@ -319,7 +339,13 @@ class Memory:
         self._closers.append(release)
 
     def close(self) -> None:
-        """Release the files and memory maps of a loaded store; the memory is empty afterwards."""
+        """Release the files and memory maps of a loaded store; the memory is empty afterwards.
+
+        A view forgets its overlay only: the store stays open for the memory it was made from.
+        """
+        if self._shared:
+            self.overlay = None
+            return
         for layer in self.layers:
             self._backends[layer].close()
             self._entries[layer].reset()
