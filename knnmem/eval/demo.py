@@ -60,8 +60,10 @@ def answer(model, tokenizer, prompt: str, memory: Memory | None, max_new_tokens:
 
 
 def ask_all(model, tokenizer, store_dir: str | Path, *, index: str, questions: list[dict],
-            documents: list[tuple[str, str]], max_new_tokens: int = 24, show=print) -> list[Answer]:
-    """Every question answered by every approach (see the module docstring); `show` gets one line each."""
+            documents: list[tuple[str, str]], max_new_tokens: int = 24, show=print,
+            report: str | Path | None = None) -> list[Answer]:
+    """Every question answered by every approach (see the module docstring); `show` gets one line each,
+    and `report` (a JSON file) is rewritten after each question, so an interrupted run keeps its answers."""
     texts = dict(documents)
     bm25 = Bm25Chunks(documents)
     stored = Memory.load(store_dir, model=model)
@@ -92,6 +94,8 @@ def ask_all(model, tokenizer, store_dir: str | Path, *, index: str, questions: l
                                   time.perf_counter() - started))
             row.append(("✓ " if results[-1].correct else "✗ ") + text[:14])
         show(f"   {q['question'][:58]:<58} {q['answer'][:14]:>14} " + " ".join(f"{cell:<16}" for cell in row))
+        if report:
+            Path(report).write_text(json.dumps([asdict(r) for r in results], indent=1) + "\n")
     stored.close()
     return results
 
@@ -129,10 +133,10 @@ def run_demo(model, tokenizer, store_dir: str | Path, *, index: str, k: int, lim
     print(f"3. {len(questions)} questions whose answers lie only in the stored documents (greedy decoding):")
     approaches = ["no memory", index, "dense", f"BM25 top-{BM25_TOP}", "ceiling"]
     print(f"   {'question':<58} {'expected':>14} " + " ".join(f"{a[:16]:<16}" for a in approaches))
-    results = ask_all(model, tokenizer, store_dir, index=index, questions=questions, documents=documents)
+    results = ask_all(model, tokenizer, store_dir, index=index, questions=questions, documents=documents,
+                      report=report)
     print("\n4. Summary\n")
     print(summary_table(results))
     if report:
-        Path(report).write_text(json.dumps([asdict(r) for r in results], indent=1) + "\n")
         print(f"\nwrote {report}")
     return results
