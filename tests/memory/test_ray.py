@@ -112,7 +112,7 @@ def test_a_killed_shard_actor_is_restarted_from_its_shard(model, stores):
 
 
 def test_a_shard_that_cannot_be_reopened_is_an_error_naming_it(model, stores, tmp_path):
-    with knnmem.Memory.load(stores[1], model=model, ray={"timeout_s": 120}) as sharded:
+    with knnmem.Memory.load(stores[1], model=model, ray={"timeout_s": 120, "max_restarts": 1}) as sharded:
         second = stores[1] / json.loads((stores[1] / MANIFEST).read_text())["shards"][1]["name"]
         second.rename(tmp_path / "elsewhere")
         try:
@@ -131,7 +131,7 @@ def test_a_shard_that_cannot_be_reopened_is_an_error_naming_it(model, stores, tm
 
 
 def test_a_killed_indexing_worker_leaves_a_complete_store(model, stores, tmp_path):
-    corpus = write_corpus(tmp_path / "docs.jsonl", 4, 3000)  # seconds of encoding per shard: time to kill one
+    corpus = write_corpus(tmp_path / "docs.jsonl", 4, 1500)  # a second of encoding per shard: time to kill one
     path, errors = tmp_path / "sharded", []
 
     def index():
