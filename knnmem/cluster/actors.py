@@ -67,6 +67,9 @@ class ShardActor:
     def nbytes(self) -> int:
         return self.memory.nbytes
 
+    def provenance(self) -> Packed:
+        return pack(self.memory.provenance)
+
     def search(self, layer: int, queries: Packed, heads: slice, k: int,
                search_params: dict) -> tuple[tuple[Packed | None, ...] | None, float]:
         """The shard's hits (packed) and the seconds the search took."""
@@ -112,6 +115,9 @@ class RayShards:
 
     def nbytes(self) -> int:
         return sum(self._gather([actor.nbytes.remote() for actor in self.actors]))
+
+    def provenance(self) -> list[torch.Tensor]:
+        return [unpack(part) for part in self._gather([actor.provenance.remote() for actor in self.actors])]
 
     def _gather(self, refs: list) -> list:
         """Each shard's answer, or `ShardUnavailable` naming the first shard that gave none."""

@@ -36,6 +36,9 @@ class ShardSet(Protocol):
     def nbytes(self) -> int:
         """Bytes of the stored keys, values and indexes of every shard."""
 
+    def provenance(self) -> list[torch.Tensor]:
+        """Each shard's provenance (entries, 3): its own document id, token position and token id per entry."""
+
     def close(self) -> None:
         """Release every shard."""
 
@@ -64,6 +67,9 @@ class LocalShards:
     def nbytes(self) -> int:
         return sum(memory.nbytes for memory in self.memories)
 
+    def provenance(self) -> list[torch.Tensor]:
+        return [memory.provenance for memory in self.memories]
+
     def close(self) -> None:
         for memory in self.memories:
             memory.close()
@@ -74,9 +80,27 @@ class ShardedMemory(Memory):
     must be those of every shard. Its own entry stores stay empty: it holds no entries, only the overlay."""
 
     def __init__(self, *, shards: ShardSet, **memory_args):
+        self._provenance = None
         super().__init__(**memory_args)
         self.shards, self.read_only = shards, True
         self._offsets = [0, *accumulate(shards.sizes)]  # shard i holds global ids offsets[i]..offsets[i+1]-1
+
+    @property
+    def provenance(self) -> torch.Tensor | None:
+        """(entries, 3): document id, token position and token id of every stored entry, gathered from the shards
+        on first use (so that opening stays fast), with document ids numbered across shards as `documents` are."""
+        if self._provenance is None and self.stored_entries:
+            starts = [document.start for document in self.documents]
+            parts = []
+            for part, offset in zip(self.shards.provenance(), self._offsets):
+                first = bisect.bisect_left(starts, offset)  # documents of earlier shards (none is empty)
+                parts.append(torch.cat([torch.where(part[:, :1] >= 0, part[:, :1] + first, part[:, :1]), part[:, 1:]], 1))
+            self._provenance = torch.cat(parts)
+        return self._provenance
+
+    @provenance.setter
+    def provenance(self, value: torch.Tensor | None) -> None:
+        self._provenance = value
 
     def _search_stored(self, layer: int, queries: torch.Tensor, heads: slice) -> MemoryHits | None:
         found = self.shards.search(layer, queries, heads, k=self.k, search_params=self.search_params())
@@ -112,6 +136,7 @@ class ShardedMemory(Memory):
 
     def close(self) -> None:
         self.shards.close()
+        self._offsets = [0]  # empty, as a closed memory is
         super().close()
 
     def __repr__(self) -> str:

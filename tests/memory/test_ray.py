@@ -85,7 +85,8 @@ def test_ray_served_shards_return_the_ids_and_scores_of_one_store(model, stores)
     whole, sharded = knnmem.Memory.load(stores[0], model=model), knnmem.Memory.load(stores[1], model=model, ray=True)
     with sharded:
         assert isinstance(sharded, knnmem.Memory) and len(sharded) == len(whole)
-        assert sharded.documents == whole.documents and sharded.nbytes == knnmem.Memory.load(stores[1], model=model).nbytes
+        assert sharded.documents == whole.documents and torch.equal(sharded.provenance, whole.provenance)
+        assert sharded.nbytes == knnmem.Memory.load(stores[1], model=model).nbytes
         for layer in model.config.mem_layers:
             for a, b in zip(ranked(sharded.search(layer, queries(), slice(0, 4))),
                             ranked(whole.search(layer, queries(), slice(0, 4)))):

@@ -61,6 +61,7 @@ def test_a_sharded_store_returns_the_ids_and_scores_of_one_store(model, corpus, 
     sharded = index(model, corpus, tmp_path / "sharded", spec, 3, k=16)
     assert type(sharded).__name__ == "ShardedMemory" and len(sharded) == len(whole) and sharded.read_only
     assert sharded.documents == whole.documents  # ids and entry ranges numbered across shards
+    assert torch.equal(sharded.provenance, whole.provenance)
     queries = torch.randn(1, 4, 7, 8, generator=torch.Generator().manual_seed(1))
     for layer in model.config.mem_layers:
         expected, found = whole.search(layer, queries, slice(0, 4)), sharded.search(layer, queries, slice(0, 4))
