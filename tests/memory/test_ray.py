@@ -69,13 +69,23 @@ def ranked(hits):
     return ids.gather(-1, order), scores
 
 
+def parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+
+
 def processes(title: str) -> set[int]:
-    """Processes whose title (Ray names a worker by what it runs: ray::ShardActor, ray::<task name>) starts so."""
+    """Workers of this test's Ray cluster (descendants of this process: its raylet started them) whose title (Ray
+    names a worker by what it runs: ray::ShardActor, ray::<task name>) starts with `title`."""
     found = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
         try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(title.encode()):
-                found.add(int(pid))
+            if not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(title.encode()):
+                continue
+            ancestor = pid
+            while ancestor > 1 and ancestor != os.getpid():
+                ancestor = parent(ancestor)
+            if ancestor == os.getpid():
+                found.add(pid)
         except OSError:  # ended meanwhile
             pass
     return found
