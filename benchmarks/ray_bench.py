@@ -68,12 +68,16 @@ def decode_ms(model, memory, prompt: torch.Tensor, tokens: int) -> float:
     return 1000 * (run(1 + tokens) - run(1)) / tokens
 
 
-def serialization_ms(request: tuple, reply: tuple) -> float:
-    """Pickling and unpickling one request and one reply, as Ray does for these Python objects (cloudpickle, protocol 5)."""
-    start = time.perf_counter()
-    for payload in (request, reply):
-        ray.cloudpickle.loads(ray.cloudpickle.dumps(payload, protocol=5))
-    return 1000 * (time.perf_counter() - start)
+def serialization_ms(request: tuple, reply: tuple, reps: int = 50) -> float:
+    """Pickling and unpickling one request and one reply, as Ray does for these Python objects (cloudpickle, protocol
+    5), median of `reps`."""
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for payload in (request, reply):
+            ray.cloudpickle.loads(ray.cloudpickle.dumps(payload, protocol=5))
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
 
 
 def search_breakdown(memory, layer: int, queries: torch.Tensor, reps: int) -> dict:
