@@ -439,11 +439,4 @@ def migrate_store(path: str | Path) -> dict:
         manifest.pop("checksum", None)
         manifest["checksum"] = checksum(manifest)
         check_manifest(manifest, file)  # before the commit: a store this version cannot read stays as it was
-        tmp = path / f"{MANIFEST}.{generation}.tmp"
-        try:
-            _write_file(tmp, json.dumps(manifest, indent=1).encode())
-            _commit(tmp, file)
-        except BaseException:
-            _remove(tmp)
-            raise
-    return manifest
+        return commit_manifest(path, manifest, path / f"{MANIFEST}.{generation}.tmp")
