@@ -22,6 +22,7 @@ from pathlib import Path
 import ray
 import torch
 from common import SHIPPED_MODEL, stdlib_documents
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 import knnmem
 from knnmem.cluster.actors import RayShards, ShardActor, pack
@@ -55,17 +56,27 @@ def build(model, spec: str, path: Path, chunks: int, shards: int) -> None:
             memory.save(directory)
 
 
+class TokenClock(StoppingCriteria):
+    """Notes when each token is generated (generation calls its stopping criteria once per token)."""
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
 @torch.no_grad()
 def decode_ms(model, memory, prompt: torch.Tensor, tokens: int) -> float:
-    """Milliseconds per generated token: generating 1 + `tokens` tokens, less generating 1 (the prompt's cost)."""
-    def run(new):
-        memory.reset()  # the overlay of a read-only memory
-        start = time.perf_counter()
-        model.generate(prompt, memory=memory, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-        return time.perf_counter() - start
-
-    run(2)  # warm: indexes read, actors' first search done
-    return 1000 * (run(1 + tokens) - run(1)) / tokens
+    """Median milliseconds between consecutive generated tokens (the first, which follows the prompt, excluded)."""
+    memory.reset()  # the overlay of a read-only memory
+    model.generate(prompt, memory=memory, max_new_tokens=2, do_sample=False)  # warm: indexes read, actors searched
+    memory.reset()
+    clock = TokenClock()
+    model.generate(prompt, memory=memory, max_new_tokens=1 + tokens, min_new_tokens=1 + tokens, do_sample=False,
+                   stopping_criteria=StoppingCriteriaList([clock]))
+    return 1000 * statistics.median(b - a for a, b in zip(clock.times, clock.times[1:]))
 
 
 def serialization_ms(request: tuple, reply: tuple, reps: int = 50) -> float:
@@ -163,7 +174,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=SHIPPED_MODEL)
     parser.add_argument("--index", action="append", help="index spec (repeatable; default IVF1024,Flat and Flat)")
     parser.add_argument("--chunks", type=int, default=16, help=f"memory size in chunks of {CHUNK:,} entries")
-    parser.add_argument("--tokens", type=int, default=16, help="generated tokens timed per layout")
+    parser.add_argument("--tokens", type=int, default=32, help="generated tokens timed per layout")
     parser.add_argument("--reps", type=int, default=30, help="searches timed per layout")
     parser.add_argument("--index-tokens", type=int, default=1 << 17, help="corpus tokens for indexing throughput")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
