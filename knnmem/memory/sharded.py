@@ -80,7 +80,6 @@ class ShardedMemory(Memory):
     must be those of every shard. Its own entry stores stay empty: it holds no entries, only the overlay."""
 
     def __init__(self, *, shards: ShardSet, **memory_args):
-        self._provenance = None
         super().__init__(**memory_args)
         self.shards, self.read_only = shards, True
         self._offsets = [0, *accumulate(shards.sizes)]  # shard i holds global ids offsets[i]..offsets[i+1]-1

@@ -125,6 +125,9 @@ def _load_sharded(path: Path, *, model, fingerprint: dict, writable: bool, verif
         raise ValueError(f"{path}: a sharded store opens read-only; add documents by indexing the corpus again")
     manifest, manifests, shards = sharding.open_shards(path, fingerprint=fingerprint)
     names = [shard.name for shard in shards]
+    if ray and manifest["index"] == "dense":
+        raise ValueError(f"{path}: a dense memory attends to every entry, so its actors would send all of it with every "
+                         "token; index it with torch or a Faiss spec to serve it from Ray")
     if ray:
         from ..cluster.actors import RayShards
 

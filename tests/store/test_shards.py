@@ -182,6 +182,9 @@ def test_what_a_sharded_store_refuses(model, corpus, sharded_store, tmp_path):
         index(model, corpus, whole, "Flat", 2)
     with pytest.raises(ValueError, match="ray=True serves the shards of a sharded store, and this store has none"):
         knnmem.Memory.load(whole, model=model, ray=True)
+    index(model, corpus, tmp_path / "dense", "dense", 2)
+    with pytest.raises(ValueError, match="a dense memory attends to every entry, so its actors would send all of it"):
+        knnmem.Memory.load(tmp_path / "dense", model=model, ray=True)
     with pytest.raises(knnmem.StoreError, match="a sharded store; open it with knnmem.Memory.load"):
         knnmem.store.format.open_store(sharded_store, fingerprint=knnmem.store.model_fingerprint(model))
 
