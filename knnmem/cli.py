@@ -100,12 +100,15 @@ def cmd_index(args) -> None:
     from .memory import check_spec
     from .store.format import check_target
 
-    check_target(args.out)  # before the model runs
+    sharded = args.shards > 1 or args.ray
+    check_target(args.out, sharded=sharded)  # before the model runs
     model, tokenizer = load_model(args)
     spec = check_spec(args.index, model.config.head_dim)
     memory = index_corpus(model, tokenizer, args.corpus, path=args.out, index=spec, k=args.k, codec=args.codec,
-                          keep_keys=args.keep_keys, include=args.include, text_field=args.text_field)
-    print(f"indexed {len(memory.documents)} documents, {len(memory):,} tokens into {args.out} "
+                          keep_keys=args.keep_keys, include=args.include, text_field=args.text_field,
+                          shards=args.shards, ray=args.ray)
+    shards = f" in {args.shards} shards" if sharded else ""
+    print(f"indexed {len(memory.documents)} documents, {len(memory):,} tokens into {args.out}{shards} "
           f"({args.index}, k={args.k}, codec {memory.codec})")
 
 
@@ -177,13 +180,20 @@ def cmd_migrate(args) -> None:
 
 def cmd_info(args) -> None:
     from .store import read_manifest
+    from .store.manifest import is_sharded
 
     manifest = read_manifest(args.store)
-    fields = ("format_version", "generation", "index", "k", "layers", "num_heads", "head_dim", "dtype", "entries")
+    fields = ("format_version", "kind", "generation", "index", "k", "layers", "num_heads", "head_dim", "dtype",
+              "entries")
     for field in fields:
         if field in manifest:
             print(f"{field:>15}: {manifest[field]}")
     print(f"{'codec':>15}: {manifest.get('codec', manifest['dtype'])}")  # stores without one cast to their dtype
+    if is_sharded(manifest):
+        print(f"{'shards':>15}: {len(manifest['shards'])} (`knnmem info` on a shard directory describes it)")
+        for shard in manifest["shards"]:
+            print(f"  {shard['name']}  {shard['entries']:>11,} entries  {shard['documents']:>6,} documents")
+        return
     print(f"{'options':>15}: {manifest['options']}")
     for layer, heads in manifest.get("ivf_outliers", {}).items():
         if any(head["radius"] is not None for head in heads):  # the lists are trained
@@ -297,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep full keys beside the index (needed to re-index; default true)")
     p.add_argument("--include", default="*.txt", help="file pattern inside folders (default *.txt)")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text (default text)")
+    p.add_argument("--shards", type=parse_positive, default=1,
+                   help="write a sharded store: the documents cut into this many ranges, one store each (default 1)")
+    p.add_argument("--ray", action="store_true", help="encode the shards in parallel Ray tasks, one model replica "
+                   "each (joins the cluster of RAY_ADDRESS, else starts a local one; needs knnmem[ray])")
     _add_device(p)
     p.set_defaults(func=cmd_index)
 

@@ -45,6 +45,20 @@ def test_index_and_info(store, capsys):
     assert "Flat" in out and "doc0.txt" in out and "documents:" in out.replace(" ", "")
 
 
+def test_index_in_shards_then_info_and_explained_generation(model_dir, corpus, tmp_path, capsys):
+    store = tmp_path / "sharded"
+    assert main(["index", str(corpus), "--model", str(model_dir), "--out", str(store), "--index", "Flat", "--k", "8",
+                 "--shards", "3"]) == 0
+    assert "into " + str(store) + " in 3 shards" in capsys.readouterr().out
+    assert main(["info", str(store)]) == 0
+    assert "shards: 3" in capsys.readouterr().out
+    assert main(["generate", "--model", str(model_dir), "--memory", str(store), "--prompt", "def main(",
+                 "--max-new-tokens", "3", "--explain"]) == 0
+    assert "doc" in capsys.readouterr().out  # passages named by the document their shard holds
+    assert main(["index", str(corpus), "--model", str(model_dir), "--out", str(tmp_path / "more"), "--shards", "4"]) == 2
+    assert "4 shards need at least 4 documents, the corpus has 3" in capsys.readouterr().err
+
+
 def test_generate_with_explain_names_stored_passages(model_dir, store, capsys):
     assert main(["generate", "--model", str(model_dir), "--memory", str(store), "--prompt", "def main(",
                  "--max-new-tokens", "3", "--explain"]) == 0

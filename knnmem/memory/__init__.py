@@ -10,8 +10,10 @@ from .entries import EntryStore
 from .exact import DenseBackend, TorchTopKBackend, exact_top_k
 from .manager import DEFAULT_INDEX, DEFAULT_K, Document, Memory
 from .protocol import LayerMemory, MemoryHits
+from .sharded import LocalShards, ShardedMemory, ShardSet
 
 __all__ = [
     "BACKENDS", "DEFAULT_INDEX", "DEFAULT_K", "CrossBatchMemory", "DenseBackend", "Document", "EntryStore",
-    "LayerMemory", "Memory", "MemoryHits", "TorchTopKBackend", "check_spec", "exact_top_k",
+    "LayerMemory", "LocalShards", "Memory", "MemoryHits", "ShardSet", "ShardedMemory", "TorchTopKBackend", "check_spec",
+    "exact_top_k",
 ]

@@ -152,11 +152,13 @@ class Memory:
                       index=self.index if index is None else index, **options)
 
     @classmethod
-    def load(cls, path: str | Path, *, model, writable: bool = False, verify: bool = False) -> "Memory":
-        """Open the store at `path` for `model` (see `knnmem.store.load_memory`)."""
+    def load(cls, path: str | Path, *, model, writable: bool = False, verify: bool = False,
+             ray: bool | dict = False) -> "Memory":
+        """Open the store at `path` for `model` (see `knnmem.store.load_memory`); a sharded store's shards are served
+        by Ray actors with `ray=True`."""
         from ..store.persist import load_memory
 
-        return load_memory(path, model=model, writable=writable, verify=verify)
+        return load_memory(path, model=model, writable=writable, verify=verify, ray=ray)
 
     def save(self, path: str | Path | None = None, *, include_overlay: bool = False) -> None:
         """Write this memory (one batch row) to a store directory (see `knnmem.store.save_memory`)."""
@@ -307,15 +309,18 @@ class Memory:
         training's; stored memories ignore it.
         """
         started = time.perf_counter()
-        stored = len(self._entries[layer])
-        hits = self._backends[layer].search(queries, heads) if stored else None
+        hits = self._search_stored(layer, queries, heads)
         extra = self.overlay.search(layer, queries, heads) if self.overlay is not None else None
-        hits = merge_hits(hits, extra, offset=stored)
+        hits = merge_hits(hits, extra, offset=self.stored_entries)
         self.search_seconds += time.perf_counter() - started
         if hits is not None:
             for observe in self.observers:
                 observe(layer, queries, heads, hits)
         return hits
+
+    def _search_stored(self, layer: int, queries: torch.Tensor, heads: slice) -> MemoryHits | None:
+        """`search` of the stored entries alone (no overlay, no observers); None if there are none."""
+        return self._backends[layer].search(queries, heads) if len(self._entries[layer]) else None
 
     def reset(self) -> None:
         """Forget every entry (a read-only memory forgets its overlay only)."""
@@ -366,8 +371,14 @@ class Memory:
         )
 
 
-def merge_hits(first: MemoryHits | None, second: MemoryHits | None, *, offset: int) -> MemoryHits | None:
-    """Entries of two memories for the same queries; ids of `second` are shifted by `offset`."""
+def merge_hits(first: MemoryHits | None, second: MemoryHits | None, *, offset: int,
+               k: int | None = None) -> MemoryHits | None:
+    """Entries of two memories for the same queries; ids of `second` are shifted by `offset`.
+
+    With `k`, retrieved (top-k) hits keep only the best `k` of both per query, by score: merging the top k of
+    each part of a memory, part after part, gives exactly the top k of the whole (how shards are merged).
+    Shared (dense) hits are always concatenated.
+    """
     if second is not None and second.ids is not None:
         second = second._replace(ids=second.ids + offset)
     if first is None or second is None:
@@ -376,5 +387,11 @@ def merge_hits(first: MemoryHits | None, second: MemoryHits | None, *, offset: i
         return MemoryHits(torch.cat([first.keys, second.keys.to(first.keys.dtype)], dim=2),
                           torch.cat([first.values, second.values.to(first.values.dtype)], dim=2),
                           torch.cat([first.valid, second.valid], dim=1))
-    return MemoryHits(None, torch.cat([first.values, second.values.to(first.values.dtype)], dim=3),
-                      *(torch.cat([a, b], dim=3) for a, b in zip(first[2:], second[2:])))
+    merged = MemoryHits(None, torch.cat([first.values, second.values.to(first.values.dtype)], dim=3),
+                        *(torch.cat([a, b], dim=3) for a, b in zip(first[2:], second[2:])))
+    if k is None or merged.ids.shape[-1] <= k:
+        return merged
+    # Entries that get no attention (padding, or fewer than k found) must not displace any that do.
+    scores, order = merged.scores.masked_fill(~merged.valid, float("-inf")).topk(k, dim=-1)  # (B, h, T, k)
+    values = merged.values.gather(-2, order[..., None].expand(*order.shape, merged.values.shape[-1]))
+    return MemoryHits(None, values, merged.valid.gather(-1, order), merged.ids.gather(-1, order), scores)

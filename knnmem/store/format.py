@@ -42,11 +42,12 @@ import faiss
 import numpy as np
 import torch
 
-from .manifest import FORMAT_VERSION, GENERATION, MANIFEST, StoreError, check_manifest, checksum, read_manifest
+from .manifest import (FORMAT_VERSION, GENERATION, MANIFEST, SHARD, StoreError, check_manifest, checksum, is_sharded,
+                       read_manifest)
 
 LOCK = "write.lock"
 _DATA_FILE = re.compile(r"layer\d+\.(keys|values)(-\w+)?\.bin|layer\d+\.head\d+(\.outliers)?\.faiss|valid\.bin|provenance\.bin")
-_TEMPORARY = re.compile(rf"{re.escape(MANIFEST)}\.data-[0-9a-f]{{12}}\.tmp")
+_TEMPORARY = re.compile(rf"{re.escape(MANIFEST)}\.(data|shards)-[0-9a-f]{{12}}\.tmp")
 # Files up to this size are hashed on every open; larger ones by size and a sample of blocks (first,
 # last and evenly spread: truncation, appended bytes and overwritten headers show), so that opening a
 # 1M-entry store stays well under 100 ms. `verify=True` hashes every byte.
@@ -72,8 +73,9 @@ def model_fingerprint(model) -> dict:
     return {"config": {f: getattr(config, f) for f in _FINGERPRINT_FIELDS}, "kv_projections_sha256": digest.hexdigest()}
 
 
-def check_target(path: str | Path) -> None:
-    """`StoreError` unless a store can be written at `path`: a store, an empty or new directory."""
+def check_target(path: str | Path, *, sharded: bool = False) -> None:
+    """`StoreError` unless a store (sharded or not, as `sharded` says) can be written at `path`: a store of that
+    kind, an empty or new directory."""
     path = Path(path)
     existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
     if not existing.is_dir():
@@ -82,7 +84,11 @@ def check_target(path: str | Path) -> None:
     if existing != path:
         return
     if (path / MANIFEST).exists():
-        read_manifest(path)  # a store of this format, or an error saying why it is not one
+        found = is_sharded(read_manifest(path))  # a store of this format, or an error saying why it is not one
+        if found != sharded:
+            kinds = {True: "sharded store", False: "store without shards"}
+            raise StoreError(f"{path}: holds a {kinds[found]}; a {kinds[sharded]} cannot replace it: write it to a "
+                             "new or empty directory")
         return
     foreign = sorted(entry.name for entry in path.iterdir() if entry.name != LOCK and not _written_by_store(entry))
     if foreign:
@@ -103,7 +109,7 @@ def write_store(path: str | Path, *, manifest: dict, arrays: dict[str, torch.Ten
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise StoreError(f"{path}: cannot create the store directory ({_reason(error)})") from None
-    with _write_lock(path):
+    with write_lock(path):
         check_target(path)  # again, now that no other writer can change it
         generation = f"data-{uuid.uuid4().hex[:12]}"
         data, tmp = path / generation, path / f"{MANIFEST}.{generation}.tmp"
@@ -112,21 +118,35 @@ def write_store(path: str | Path, *, manifest: dict, arrays: dict[str, torch.Ten
             files = {name: _write_file(data / name, _raw_bytes(tensor)) for name, tensor in arrays.items()}
             files |= {name: _write_file(data / name, faiss.serialize_index(index)) for name, index in indexes.items()}
             _fsync_dir(data)
-            from .. import __version__
-
-            manifest = {"format_version": FORMAT_VERSION, "knnmem_version": __version__, **manifest,
-                        "generation": generation, "files": files}
-            manifest["checksum"] = checksum(manifest)
-            _write_file(tmp, json.dumps(manifest, indent=1).encode())
-            _commit(tmp, path / MANIFEST)
+            commit_manifest(path, {**manifest, "generation": generation, "files": files}, tmp)
         except BaseException:
-            _remove(tmp)
             _remove(data)
             raise
-        _fsync_dir(path)
-        for stale in path.iterdir():
-            if stale.name != generation and _written_by_store(stale):
-                _remove(stale)
+        remove_stale(path, keep={generation})
+
+
+def commit_manifest(path: Path, manifest: dict, tmp: Path) -> dict:
+    """Make `manifest` (with format, version and checksum added) the manifest of store `path`, atomically: written
+    to `tmp` first, then renamed over the old one. The caller holds the write lock. Returns what was written."""
+    from .. import __version__
+
+    manifest = {"format_version": FORMAT_VERSION, "knnmem_version": __version__, **manifest}
+    manifest["checksum"] = checksum(manifest)
+    try:
+        _write_file(tmp, json.dumps(manifest, indent=1).encode())
+        _commit(tmp, path / MANIFEST)
+    except BaseException:
+        _remove(tmp)
+        raise
+    _fsync_dir(path)
+    return manifest
+
+
+def remove_stale(path: Path, *, keep: set[str]) -> None:
+    """Delete what store writers left in `path` (older generations or shards, temporary manifests) but `keep`."""
+    for stale in path.iterdir():
+        if stale.name not in keep and _written_by_store(stale):
+            _remove(stale)
 
 
 def open_store(path: str | Path, *, fingerprint: dict, verify: bool = False) -> tuple[dict, dict[str, BinaryIO]]:
@@ -138,7 +158,9 @@ def open_store(path: str | Path, *, fingerprint: dict, verify: bool = False) -> 
     path = Path(path)
     for _ in range(_OPEN_ATTEMPTS):
         manifest = read_manifest(path)
-        _check_fingerprint(path / MANIFEST, manifest["fingerprint"], fingerprint)
+        if is_sharded(manifest):
+            raise StoreError(f"{path}: a sharded store; open it with knnmem.Memory.load, which opens its shards")
+        check_fingerprint(path / MANIFEST, manifest["fingerprint"], fingerprint)
         try:
             return manifest, _open_generation(path, manifest, verify)
         except _Missing:
@@ -188,7 +210,8 @@ def _open_file(file: Path, directory: int) -> BinaryIO:
     return os.fdopen(fd, "rb")
 
 
-def _check_fingerprint(file: Path, stored: dict, actual: dict) -> None:
+def check_fingerprint(file: Path, stored: dict, actual: dict) -> None:
+    """`StoreError` naming `file` unless the `stored` fingerprint is the model's (`actual`)."""
     for field, value in actual["config"].items():  # the model's fields: one missing from the store differs too
         if field not in stored["config"] or stored["config"][field] != value:
             found = repr(stored["config"][field]) if field in stored["config"] else "missing"
@@ -252,7 +275,7 @@ def _check_file(file: Path, handle: BinaryIO, record: dict, *, hash_all: bool) -
 
 
 @contextmanager
-def _write_lock(path: Path):
+def write_lock(path: Path):
     """Hold the store's write lock, or `StoreError` naming the process that holds it."""
     # The lock file stays: removing it would let a second writer lock a new file while the first holds the old.
     try:
@@ -274,9 +297,13 @@ def _write_lock(path: Path):
 
 
 def _written_by_store(entry: Path) -> bool:
-    """Whether `entry` is something a store writer creates: a generation of data files, a temporary manifest."""
+    """Whether `entry` is something a store writer creates: a generation of data files, a shard of a sharded store
+    (a store, possibly half-written), a temporary manifest."""
     if entry.is_symlink():
         return False
+    if entry.is_dir() and SHARD.fullmatch(entry.name):
+        return all(_written_by_store(f) or (f.name in (MANIFEST, LOCK) and f.is_file() and not f.is_symlink())
+                   for f in entry.iterdir())
     if entry.is_dir():
         return bool(GENERATION.fullmatch(entry.name)) and all(
             f.is_file() and not f.is_symlink() and _DATA_FILE.fullmatch(f.name) for f in entry.iterdir())
@@ -385,7 +412,7 @@ def migrate_store(path: str | Path) -> dict:
     generation = old.get("generation")
     if not isinstance(generation, str) or not GENERATION.fullmatch(generation) or not isinstance(old.get("files"), dict):
         raise StoreError(f"{file}: no valid generation and file list to migrate")
-    with _write_lock(path):
+    with write_lock(path):
         files = {}
         for name, record in old["files"].items():
             if not _DATA_FILE.fullmatch(str(name)) or not isinstance(record, dict):
@@ -412,11 +439,4 @@ def migrate_store(path: str | Path) -> dict:
         manifest.pop("checksum", None)
         manifest["checksum"] = checksum(manifest)
         check_manifest(manifest, file)  # before the commit: a store this version cannot read stays as it was
-        tmp = path / f"{MANIFEST}.{generation}.tmp"
-        try:
-            _write_file(tmp, json.dumps(manifest, indent=1).encode())
-            _commit(tmp, file)
-        except BaseException:
-            _remove(tmp)
-            raise
-    return manifest
+        return commit_manifest(path, manifest, path / f"{MANIFEST}.{generation}.tmp")

@@ -5,6 +5,10 @@ be present and of its type, its own checksum must match (an edit or a flipped bi
 read as another `k` or `nprobe`), and the data files it lists must be exactly those its geometry
 implies, at exactly the sizes it implies. Paths never come from it unchecked: the generation and the
 file names must have the forms the writer gives them, so none can point outside the store.
+
+A sharded store's manifest (`"kind": "sharded"`) lists its shards instead of data files: each an
+ordinary store in a subdirectory, recorded with its entry count and the checksum of its own manifest
+(which covers every data file's digest), so a shard rewritten or replaced later is noticed.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ GENERATION = re.compile(r"data-[0-9a-f]{12}")
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _EXACT_SPECS = ("dense", "torch")  # backends without index files (see knnmem.memory.backends)
+SHARDED = "sharded"
+SHARD = re.compile(r"shard-\d{5}-[0-9a-f]{12}")  # shard-<number>-<generation of the sharded write>
 
 
 class StoreError(ValueError):
@@ -52,15 +58,21 @@ def read_manifest(path: str | Path) -> dict:
                          "migrate a format-1 store with `knnmem migrate STORE`, or re-index the corpus)")
     if manifest.get("checksum") != checksum(manifest):
         raise StoreError(f"{file}: contents do not match its checksum (corrupted or edited)")
-    check_manifest(manifest, file)
+    (check_sharded_manifest if is_sharded(manifest) else check_manifest)(manifest, file)
     return manifest
+
+
+def is_sharded(manifest: dict) -> bool:
+    """Whether `manifest` is a sharded store's (listing shards) rather than a store's (listing data files)."""
+    return manifest.get("kind") == SHARDED
 
 
 _CODEC_ARRAY = re.compile(r"layer\d+\.(keys|values)-\w+\.bin")
 
 
-def check_manifest(manifest: dict, file: Path) -> None:
-    """`StoreError` unless every field of `manifest` is present, of its type and consistent with the others."""
+def _field_checker(manifest: dict, file: Path):
+    """`need(name, kind, ok, what, within)`: the field `name` of `within` (default: `manifest`), or `StoreError`
+    naming `file` unless it is present, of `kind` and `ok`."""
 
     def need(name, kind, ok=lambda value: True, what=None, within=manifest):
         value = within.get(name) if isinstance(within, dict) else None
@@ -69,6 +81,11 @@ def check_manifest(manifest: dict, file: Path) -> None:
             raise StoreError(f"{file}: field {name!r} must be {what or kind.__name__}, found {found}")
         return value
 
+    return need
+
+
+def _check_common(need) -> tuple[list, int, str, int]:
+    """The fields every manifest has: the model and the geometry of the memory. Returns (layers, heads, spec, entries)."""
     need("knnmem_version", str)
     fingerprint = need("fingerprint", dict)
     need("config", dict, bool, "a non-empty object", within=fingerprint)
@@ -81,6 +98,35 @@ def check_manifest(manifest: dict, file: Path) -> None:
     spec = need("index", str, str.strip, "an index spec")
     need("k", int, lambda v: v > 0, "a positive integer")
     entries = need("entries", int, lambda v: v >= 0, "a count")
+    return layers, heads, spec, entries
+
+
+def check_sharded_manifest(manifest: dict, file: Path) -> None:
+    """`StoreError` unless `manifest` is a sharded store's: the common fields, and shards whose entries add up."""
+    need = _field_checker(manifest, file)
+    entries = _check_common(need)[3]
+    need("codec", str, str.strip, "a codec spec such as int8 or int8/pq8")
+    shards = need("shards", list, bool, "a non-empty list of shards")
+    for number, shard in enumerate(shards):
+        what = f"shard {number}"
+        if not isinstance(shard, dict):
+            raise StoreError(f"{file}: {what} must be an object {{name, entries, documents, manifest_checksum}}")
+        need("name", str, SHARD.fullmatch, "a name shard-<5 digits>-<12 hex digits> (a directory of the store)",
+             within=shard)
+        need("entries", int, lambda v: v >= 0, "a count", within=shard)
+        need("documents", int, lambda v: v >= 0, "a count", within=shard)
+        need("manifest_checksum", str, _SHA256.fullmatch, "a SHA-256 digest", within=shard)
+    if len({shard["name"] for shard in shards}) != len(shards):
+        raise StoreError(f"{file}: lists a shard directory twice")
+    if sum(shard["entries"] for shard in shards) != entries:
+        raise StoreError(f"{file}: its shards hold {sum(s['entries'] for s in shards)} entries, its field 'entries' "
+                         f"says {entries}")
+
+
+def check_manifest(manifest: dict, file: Path) -> None:
+    """`StoreError` unless every field of `manifest` is present, of its type and consistent with the others."""
+    need = _field_checker(manifest, file)
+    layers, heads, spec, entries = _check_common(need)
     faiss = spec not in _EXACT_SPECS
     options = need("options", dict, lambda v: not faiss or {"train_size", "l2_reduction"} <= v.keys(),
                    "an object (holding train_size and l2_reduction for a Faiss index)")

@@ -2,7 +2,8 @@
 
 Arrays are written raw and reopened as copy-on-write memory maps; each backend's own state (Faiss
 indexes, their metadata) goes through its `export_state` / `import_state`, so the store needs to
-know no backend. The directory format itself is `format.py`'s.
+know no backend. The directory format itself is `format.py`'s; a sharded store (`shards.py`) opens as
+a `ShardedMemory` over its shards, each opened here as a store of its own or in a Ray actor.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import numpy as np
 import torch
 
 from ..memory.manager import Document, Memory
+from ..memory.sharded import LocalShards, ShardedMemory
 from . import format as fmt
+from . import shards as sharding
 
 
 def save_memory(memory: Memory, path: str | Path | None = None, *, include_overlay: bool = False) -> None:
@@ -65,17 +68,35 @@ def save_memory(memory: Memory, path: str | Path | None = None, *, include_overl
     fmt.write_store(path, manifest=manifest, arrays=arrays, indexes=indexes)
 
 
-def load_memory(path: str | Path, *, model, writable: bool = False, verify: bool = False) -> Memory:
+def load_memory(path: str | Path, *, model, writable: bool = False, verify: bool = False,
+                ray: bool | dict = False) -> Memory:
     """Open the store at `path` for `model`: arrays memory-mapped, Faiss indexes read on first search.
 
     Read-only by default: entries added later (e.g. overflowing the local cache in generation) go
     to an in-memory overlay searched together with the store. `verify=True` also hashes the large
     arrays. Raises `StoreError` naming the file and the mismatch if anything does not fit.
+
+    A sharded store opens as a `ShardedMemory` (read-only): its shards opened here, or with `ray` each in a Ray
+    actor (`ray` may be a dict of actor options such as `num_cpus`; see `knnmem.cluster.actors.RayShards`).
     """
     fingerprint = fmt.model_fingerprint(model)
+    if fmt.is_sharded(fmt.read_manifest(path)):
+        return _load_sharded(Path(path), model=model, fingerprint=fingerprint, writable=writable, verify=verify,
+                             ray=ray)
+    if ray:
+        raise ValueError(f"{path}: ray=True serves the shards of a sharded store, and this store has none "
+                         "(write one with `knnmem index ... --shards N`)")
+    return open_memory(path, config=model.config, fingerprint=fingerprint, device=next(model.parameters()).device,
+                       writable=writable, verify=verify)
+
+
+def open_memory(path: str | Path, *, config, fingerprint: dict, device: torch.device, writable: bool = False,
+                verify: bool = False) -> Memory:
+    """`load_memory` of a store without shards, given what it needs of the model: its config, fingerprint and device
+    (how a process without the model, such as a shard's actor, opens a store)."""
     manifest, handles = fmt.open_store(path, fingerprint=fingerprint, verify=verify)
     try:
-        memory = _open_memory(Path(path), manifest, handles, model, writable)
+        memory = _open_memory(Path(path), manifest, handles, config, device, writable)
     except BaseException:
         for handle in handles.values():
             handle.close()
@@ -87,16 +108,69 @@ def load_memory(path: str | Path, *, model, writable: bool = False, verify: bool
     return memory
 
 
-def _open_memory(path: Path, manifest: dict, handles: dict, model, writable: bool) -> Memory:
-    size, heads, dim = manifest["entries"], manifest["num_heads"], manifest["head_dim"]
-    dtype = getattr(torch, manifest["dtype"])
+def _memory_of(manifest: dict, file: Path, config, cls=Memory, **extra) -> Memory:
+    """An empty `cls` of the manifest's geometry, codec, index and options, checked against the model's `config`."""
     try:  # stores written before codecs existed hold the cast codec of their dtype
-        memory = Memory(layers=manifest["layers"], num_heads=heads, head_dim=dim, dtype=dtype,
-                        codec=manifest.get("codec"), index=manifest["index"], k=manifest["k"], **manifest["options"])
-        memory.check_compatible(model.config)
+        memory = cls(layers=manifest["layers"], num_heads=manifest["num_heads"], head_dim=manifest["head_dim"],
+                     dtype=getattr(torch, manifest["dtype"]), codec=manifest.get("codec"), index=manifest["index"],
+                     k=manifest["k"], **extra, **manifest["options"])
+        memory.check_compatible(config)
     except (ValueError, TypeError) as error:
-        raise fmt.StoreError(f"{path / fmt.MANIFEST}: {error}") from None
-    device = next(model.parameters()).device
+        raise fmt.StoreError(f"{file}: {error}") from None
+    return memory
+
+
+def _load_sharded(path: Path, *, model, fingerprint: dict, writable: bool, verify: bool, ray) -> ShardedMemory:
+    if writable:
+        raise ValueError(f"{path}: a sharded store opens read-only; add documents by indexing the corpus again")
+    manifest, manifests, shards = sharding.open_shards(path, fingerprint=fingerprint)
+    names = [shard.name for shard in shards]
+    if ray and manifest["index"] == "dense":
+        raise ValueError(f"{path}: a dense memory attends to every entry, so its actors would send all of it with every "
+                         "token; index it with torch or a Faiss spec to serve it from Ray")
+    if ray:
+        from ..cluster.actors import RayShards
+
+        shard_set = RayShards(shards, config=model.config, fingerprint=fingerprint, verify=verify,
+                              **(ray if isinstance(ray, dict) else {}))
+    else:
+        shard_set = LocalShards(_open_each(shards, config=model.config, fingerprint=fingerprint,
+                                           device=next(model.parameters()).device, verify=verify), names)
+    try:
+        memory = _memory_of(manifests[0], path / fmt.MANIFEST, model.config, ShardedMemory, shards=shard_set)
+    except BaseException:
+        shard_set.close()
+        raise
+    offset, documents = 0, []
+    for shard in manifests:  # document ids and entry ranges numbered across shards, in shard order
+        first = len(documents)
+        documents += [Document(first + d["id"], d["name"], offset + d["start"], offset + d["end"])
+                      for d in shard["documents"]]
+        offset += shard["entries"]
+    memory.documents, memory.fingerprint, memory.path = documents, fingerprint, path
+    return memory
+
+
+def _open_each(shards: list[Path], **options) -> list[Memory]:
+    """Every shard opened with `open_memory(**options)`, or `StoreError` naming the first that cannot be (the others
+    closed again)."""
+    opened = []
+    try:
+        for number, shard in enumerate(shards):
+            try:
+                opened.append(open_memory(shard, **options))
+            except fmt.StoreError as error:
+                raise sharding.shard_error(shard, number, len(shards), error) from None
+    except BaseException:
+        for memory in opened:
+            memory.close()
+        raise
+    return opened
+
+
+def _open_memory(path: Path, manifest: dict, handles: dict, config, device: torch.device, writable: bool) -> Memory:
+    size, heads, dim = manifest["entries"], manifest["num_heads"], manifest["head_dim"]
+    memory = _memory_of(manifest, path / fmt.MANIFEST, config)
     valid = fmt.map_array(handles["valid.bin"], (1, size), torch.uint8, writable).bool().to(device)
     for layer in memory.layers:
         entries = memory.entries(layer)

@@ -72,7 +72,7 @@ def test_leftovers_of_a_killed_first_save_are_cleaned(model, tmp_path):
 def test_a_second_writer_is_refused_by_name(model, tmp_path):
     store = tmp_path / "store"
     filled(model).save(store)
-    with fmt._write_lock(store):
+    with fmt.write_lock(store):
         with pytest.raises(knnmem.StoreError, match=rf"store: the store is being written by process {os.getpid()}"):
             filled(model).save(store)
     filled(model).save(store)  # free again
