@@ -1,6 +1,6 @@
 """Index a corpus once, then answer a question whose answer is somewhere in it.
 
-    python examples/index_and_generate.py --model model/tiny --corpus knnmem/demo_data/corpus.jsonl
+    python examples/index_and_generate.py --model model/tiny --corpus knnmem/eval/demo_data/corpus.jsonl
 """
 
 import argparse
