@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..chat import encode_prompt
+from ..decoding import Sampling, generate
 from ..ingest import index_corpus
 from ..memory import Memory
 from .rag import Bm25Chunks, answered, chunks, passage_prompt
@@ -53,10 +54,9 @@ def demo_questions() -> list[dict]:
 @torch.no_grad()
 def answer(model, tokenizer, prompt: str, memory: Memory | None, max_new_tokens: int) -> str:
     """The first line of the model's greedy answer to the user message `prompt`."""
-    ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=model.device)
-    out = model.generate(ids, memory=memory, max_new_tokens=max_new_tokens, do_sample=False)
-    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
-    return text.split("\n")[0]
+    generated = generate(model, tokenizer, memory, encode_prompt(tokenizer, prompt),
+                         Sampling(max_new_tokens=max_new_tokens))
+    return generated.text.strip().split("\n")[0]
 
 
 def ask_all(model, tokenizer, store_dir: str | Path, *, index: str, questions: list[dict],

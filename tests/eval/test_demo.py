@@ -1,7 +1,6 @@
 """The demo's corpus keeps its promise (each answer only in its own document), and every approach of the
 demo runs and is scored against the expected answer."""
 
-import re
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ def test_each_answer_lies_only_in_its_own_document_and_not_in_its_question():
     for q in questions:
         assert documents[q["document"]].count(q["fact"]) == 1 and answered(q["fact"], q["answer"])
         assert not answered(q["question"], q["answer"])
-        found = [name for name, text in documents.items() if re.search(rf"(?<!\w){re.escape(q['answer'])}(?!\w)", text, re.I)]
+        found = [name for name, text in documents.items() if answered(text, q["answer"])]
         assert found == [q["document"]], q["answer"]
 
 
