@@ -36,10 +36,10 @@ def check_spec(spec: str, head_dim: int) -> str:
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"index spec must be a non-empty string, got {spec!r}")
     if spec not in BACKENDS:
-        from .faiss_index import new_index
+        from .faiss_index import probe_index
 
         try:
-            new_index(spec, head_dim)
+            probe_index(spec, head_dim)
         except ValueError as error:
             raise ValueError(f"unknown index spec {spec!r} ({error}): use dense, torch or a Faiss factory string "
                              "such as Flat, HNSW32 or IVF1024,Flat") from None

@@ -93,7 +93,7 @@ class _ExactBackend:
     def export_state(self) -> tuple[dict, dict]:
         return {}, {}
 
-    def import_state(self, load) -> None:
+    def import_state(self, load, source: str | None = None) -> None:
         pass
 
     def nbytes(self) -> int:

@@ -4,8 +4,9 @@ Index specs are Faiss factory strings ("Flat", "HNSW32", "IVF1024,Flat", "IVF102
 with METRIC_INNER_PRODUCT, so retrieval ranks entries by q·k, the attention score before scaling.
 Indexes that need training (IVF, PQ) are trained once a row holds `train_size` valid entries; until
 then that row is searched exactly, as is a row holding no more than k entries. Index ids are the
-entry ids of the layer's `EntryStore`, from which the indexes are filled. For a model on CUDA with
-faiss-gpu installed, index types Faiss supports on GPU are built there.
+entry ids of the layer's `EntryStore`, from which the indexes are filled: IVF indexes hold them in their
+lists (8 bytes an entry), every other kind through an id map around it. For a model on CUDA with faiss-gpu
+installed, index types Faiss supports on GPU are built there.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Callable
 
 import faiss
@@ -41,21 +43,51 @@ def new_index(spec: str, head_dim: int, l2_reduction: bool = False) -> faiss.Ind
     """An empty index for `spec` ranking by inner product; `ValueError` if Faiss cannot build it.
 
     With `l2_reduction`, the index is an L2 index over vectors with one extra coordinate (see
-    `FaissBackend`), whose L2 ranking equals the inner-product ranking of the original vectors.
+    `FaissBackend`), whose L2 ranking equals the inner-product ranking of the original vectors, laid out
+    as `reduced_layout` says.
     """
-    dim, metric = (head_dim + 1, faiss.METRIC_L2) if l2_reduction else (head_dim, faiss.METRIC_INNER_PRODUCT)
     # Faiss accepts some specs it later aborts the process on (HNSW0 at the first add) or cannot search
     # (IVF0): every count in a spec must be positive. Ids are knnmem's: it wraps each index in its own id map.
     if re.search(r"(?<![0-9])0+(?![0-9])", spec):
         raise ValueError(f"invalid Faiss index spec {spec!r}: its sizes (lists, links, sub-quantizers) must be positive")
     if "IDMAP" in spec.upper():
         raise ValueError(f"invalid Faiss index spec {spec!r}: knnmem maps index ids to entries itself; drop IDMap")
+    if l2_reduction:
+        return faiss.index_factory(reduced_layout(spec, head_dim)[0], spec, faiss.METRIC_L2)
     try:
-        return faiss.index_factory(dim, spec, metric)
+        return faiss.index_factory(head_dim, spec, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[-1]
-        reduced = " (head dimension + 1, for the L2 reduction)" if l2_reduction else ""
-        raise ValueError(f"invalid Faiss index spec {spec!r} for dimension {dim}{reduced}: {first_line}") from None
+        raise ValueError(f"invalid Faiss index spec {spec!r} for dimension {head_dim}: {first_line}") from None
+
+
+@lru_cache(maxsize=None)
+def reduced_layout(spec: str, head_dim: int) -> tuple[int, np.ndarray]:
+    """(dimension, positions) of the L2-reduced vectors (head_dim + 1 coordinates) in an index of `spec`.
+
+    Product quantizers need a dimension that is a multiple of their sub-quantizers: the reduced vectors are then
+    padded with zeros, spread so that every sub-vector holds about as many real coordinates (32 + 1 coordinates in
+    PQ16: fifteen sub-vectors of 2 and one of 3, not eleven of 3 and five of zeros). Zeros change no inner product
+    or L2 distance, and queries are laid out the same way.
+    """
+    dim = head_dim + 1
+    for padded in range(dim, 2 * dim + 1):
+        try:
+            index = faiss.index_factory(padded, spec, faiss.METRIC_L2)
+            break
+        except RuntimeError as error:
+            if padded == dim:
+                first_line = str(error).strip().splitlines()[-1]
+    else:
+        raise ValueError(f"invalid Faiss index spec {spec!r} for dimension {dim} (head dimension + 1, for the L2 "
+                         f"reduction): {first_line}")
+    ivf = faiss.try_extract_index_ivf(index)
+    pq = getattr(faiss.downcast_index(index if ivf is None else ivf), "pq", None)
+    if padded == dim or pq is None:
+        return padded, np.arange(dim)
+    width = padded // pq.M
+    counts = [dim // pq.M + (j < dim % pq.M) for j in range(pq.M)]
+    return padded, np.concatenate([j * width + np.arange(count) for j, count in enumerate(counts)])
 
 
 def centroids(index: faiss.Index, spec: str) -> int:
@@ -74,6 +106,25 @@ def default_search_params(index: faiss.Index, k: int) -> dict:
     if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
         return {"efSearch": k}
     return {}
+
+
+def probe_index(spec: str, head_dim: int, l2_reduction: bool | None = None) -> tuple[faiss.Index, bool]:
+    """An empty index of `spec` and whether it uses the L2 reduction: as given, else (None) for IVF indexes, which
+    are IVF indexes in either build. `ValueError` if Faiss cannot build it."""
+    if l2_reduction is not None:
+        return new_index(spec, head_dim, l2_reduction), l2_reduction
+    try:
+        probe = new_index(spec, head_dim, True)
+    except ValueError:  # Faiss cannot build it at any dimension: say so for the keys' own
+        return new_index(spec, head_dim), False
+    if faiss.try_extract_index_ivf(probe) is not None:
+        return probe, True
+    return new_index(spec, head_dim), False
+
+
+def index_dimension(spec: str, head_dim: int, l2_reduction: bool) -> int:
+    """Dimension of the vectors an index of `spec` holds for keys of `head_dim`."""
+    return reduced_layout(spec, head_dim)[0] if l2_reduction else head_dim
 
 
 def _parallel(work: Callable, tasks) -> None:
@@ -141,22 +192,21 @@ class FaissBackend:
         if rerank > 1 and not entries.keep_keys:
             raise ValueError(f"rerank={rerank} scores candidates from stored keys: it needs keep_keys=True")
         self.entries, self.rerank = entries, rerank
-        probe = new_index(spec, entries.head_dim)  # type, lists and training needs are those of the reduced index too
-        if l2_reduction is None:
-            l2_reduction = isinstance(faiss.downcast_index(probe), faiss.IndexIVFFlat)
+        probe, l2_reduction = probe_index(spec, entries.head_dim, l2_reduction)
         self.spec, self.k, self.l2_reduction = spec, k, l2_reduction
-        self._index_dim = entries.head_dim + 1 if l2_reduction else entries.head_dim
+        self._index_dim = index_dimension(spec, entries.head_dim, l2_reduction)
         self.train_size = 39 * centroids(probe, spec) if train_size is None else train_size  # Faiss's advice
         ivf = faiss.try_extract_index_ivf(probe)
         if ivf is not None and self.train_size < ivf.nlist:
             raise ValueError(f"train_size {self.train_size} is below the {ivf.nlist} lists of {spec!r}: "
                              "k-means needs at least one entry per list")
-        self._loaded_rows: list[list[faiss.Index]] = []  # [row][head], each wrapped in IndexIDMap2
+        self._loaded_rows: list[list[faiss.Index]] = []  # [row][head], holding entry ids (see `_with_ids`)
         self._bounds: list[list[float | None]] = []  # [row][head]: R of the L2 reduction
         self._radii: list[list[float | None]] = []  # [row][head]: farthest training entry from its IVF centroid
         self._outliers: list[list[np.ndarray]] = []  # [row][head]: ids of later entries beyond that radius
         self._outlier_keys: list[list[faiss.Index]] = []  # [row][head]: their keys as indexed, without keep_keys
         self._pending: Callable[[], tuple] | None = None
+        self._source: str | None = None  # where imported indexes came from
         self._warned_outliers = False
         self._search_params: dict = {}
         defaults = default_search_params(probe, k)
@@ -189,7 +239,7 @@ class FaissBackend:
         for _ in range(self.entries.num_heads):
             inner = _on_device(new_index(self.spec, self.entries.head_dim, self.l2_reduction), device)
             _apply_params(inner, self._search_params)
-            row.append(faiss.IndexIDMap2(inner))  # the wrapper keeps a reference to `inner`
+            row.append(_with_ids(inner))
         return row
 
     def search_params(self) -> dict:
@@ -205,7 +255,7 @@ class FaissBackend:
         self._search_params.update(params)
         for row in self._rows:
             for index in row:
-                _apply_params(faiss.downcast_index(index.index), params)
+                _apply_params(inner_index(index), params)
 
     def add(self, ids: range) -> None:
         batch, heads = self.entries.batch_size, self.entries.num_heads
@@ -254,7 +304,16 @@ class FaissBackend:
         if self._bounds[b][h] is None:
             self._bounds[b][h] = float(norms_sq.max(initial=0.0))
         extra = np.sqrt(np.maximum(self._bounds[b][h] - norms_sq, 0.0)).astype(np.float32)
-        return np.ascontiguousarray(np.concatenate([keys, extra[:, None]], axis=1))
+        return self._laid_out(np.concatenate([keys, extra[:, None]], axis=1))
+
+    def _laid_out(self, reduced: np.ndarray) -> np.ndarray:
+        """Reduced vectors (..., D + 1) in the index's layout (see `reduced_layout`)."""
+        dim, positions = reduced_layout(self.spec, self.entries.head_dim)
+        if dim == reduced.shape[-1]:
+            return np.ascontiguousarray(reduced)
+        out = np.zeros(reduced.shape[:-1] + (dim,), dtype=np.float32)
+        out[..., positions] = reduced
+        return out
 
     def _insert(self, b: int, h: int, keys: np.ndarray, ids: np.ndarray) -> None:
         if not len(ids):
@@ -292,8 +351,9 @@ class FaissBackend:
         # One conversion of the queries for Faiss: float32 on the CPU, with the reduction's zero coordinate.
         queries32 = queries.detach().float().cpu()
         if self.l2_reduction:
-            queries32 = torch.cat([queries32, queries32.new_zeros(queries32.shape[:-1] + (1,))], dim=-1)
-        queries32 = queries32.numpy()
+            queries32 = self._laid_out(torch.cat([queries32, queries32.new_zeros(queries32.shape[:-1] + (1,))], -1).numpy())
+        else:
+            queries32 = queries32.numpy()
         first_head = heads.start or 0
         listed = k * self.rerank  # candidates the lists return per query
         found: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
@@ -302,6 +362,10 @@ class FaissBackend:
             b, j = task
             h, q = first_head + j, np.ascontiguousarray(queries32[b, j])
             distances, candidates = self._rows[b][h].search(q, listed)  # (T, listed), -1 where fewer
+            if candidates.size and candidates.max() >= len(self.entries):  # ids in IVF lists are checked only here
+                where = f"{self._source}.head{h}.faiss" if self._source else f"the index of head {h}"
+                raise ValueError(f"{where}: returned entry id {candidates.max()}, outside the {len(self.entries)} "
+                                 "entries (corrupted)")
             outliers = self._outliers[b][h]
             if self.entries.has_keys:  # outliers are scored exactly with the candidates below, the best k kept
                 if len(outliers):
@@ -365,9 +429,11 @@ class FaissBackend:
         outliers = [{"radius": radius, "ids": ids.tolist()} for radius, ids in zip(self._radii[0], self._outliers[0])]
         return indexes, {"l2_bounds": list(self._bounds[0]), "ivf_outliers": outliers}
 
-    def import_state(self, load: Callable[[], tuple[dict, dict]]) -> None:
+    def import_state(self, load: Callable[[], tuple[dict, dict]], source: str | None = None) -> None:
         """Adopt indexes built over the entries of the entry store (one row), as `load()` returns them on first
-        search: a store opens without reading them. Stores written before outliers were tracked track none."""
+        search: a store opens without reading them. Stores written before outliers were tracked track none.
+        `source` (the files' common prefix) names them in errors."""
+        self._source = source
         self._pending = lambda: _unpack_state(*load(), self.entries.num_heads, self._index_dim)
 
     def _adopt(self, rows, bounds, outliers, outlier_keys) -> None:
@@ -379,7 +445,7 @@ class FaissBackend:
         self._outlier_keys = outlier_keys
         for row in self._rows:
             for index in row:
-                _apply_params(faiss.downcast_index(index.index), self._search_params)
+                _apply_params(inner_index(index), self._search_params)
 
     def reorder_rows(self, rows: torch.Tensor) -> None:
         self._rows = [_clone_row(self._rows[i]) for i in rows.tolist()]
@@ -440,10 +506,22 @@ def _centroid_distances(index: faiss.Index, vectors: np.ndarray) -> np.ndarray |
     return -found if ivf.metric_type == faiss.METRIC_INNER_PRODUCT else found
 
 
+def _with_ids(index: faiss.Index) -> faiss.Index:
+    """`index` able to hold entry ids: IVF lists store ids themselves; other kinds get an id map (8 more bytes an
+    entry, and a reverse map in memory), which keeps a reference to `index`."""
+    return index if faiss.try_extract_index_ivf(index) is not None else faiss.IndexIDMap2(index)
+
+
+def inner_index(index: faiss.Index) -> faiss.Index:
+    """The index under an id map (stores written before IVF indexes held their own ids wrap those too)."""
+    index = faiss.downcast_index(index)
+    return faiss.downcast_index(index.index) if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) else index
+
+
 def _to_cpu(index: faiss.Index) -> faiss.Index:
-    """A CPU copy of an ID-mapped index whose inner index may live on a GPU."""
-    if "Gpu" in type(faiss.downcast_index(index.index)).__name__:
-        return faiss.index_gpu_to_cpu(index)  # Faiss's cloner keeps the id map
+    """A CPU copy of an index that may live on a GPU."""
+    if "Gpu" in type(inner_index(index)).__name__:
+        return faiss.index_gpu_to_cpu(index)  # Faiss's cloner keeps an id map
     return index
 
 

@@ -63,8 +63,8 @@ class LayerMemory(Protocol):
     def export_state(self) -> tuple[dict, dict]:
         """For persistence: (named binary objects the store writes, JSON-serialisable metadata)."""
 
-    def import_state(self, load) -> None:
-        """Adopt what `export_state` returned, as `load()` gives it on first use (lazily)."""
+    def import_state(self, load, source: str | None = None) -> None:
+        """Adopt what `export_state` returned, as `load()` gives it on first use (lazily); `source` names its files."""
 
     def nbytes(self) -> int:
         """Bytes held by the index beyond the entry store."""

@@ -12,7 +12,7 @@ Layout of a store directory (documented for users in `indexes/README.md`):
         layer<L>.head<h>.faiss one Faiss index per head (Faiss specs only)
         layer<L>.head<h>.outliers.faiss  keys of the IVF outliers, when keys are not kept
         valid.bin              (M,) uint8: 1 for entries that may receive attention
-        provenance.bin         (M, 3) int64: document id, token position, token id
+        provenance.bin         (M, 3) int32 (int64 if a number needs it): document id, token position, token id
 
 `write_store` takes the write lock, writes a new generation directory, then atomically replaces
 `manifest.json`, then deletes older generations. A process killed at any point leaves the previous
@@ -361,13 +361,16 @@ class DeferredIndex:
         self.file, self._handle = file, handle
 
     def read(self, *, mmap: bool = False) -> faiss.Index:
-        """The index; with `mmap`, its large arrays are mapped read-only instead of read."""
+        """The index; with `mmap`, its large arrays (IVF lists, flat codes) are mapped read-only instead of read, so
+        opening a store reads none of them and a search touches only the lists it probes."""
         if self._handle.closed:
             raise StoreError(f"{self.file}: already read or closed")
         by_handle = Path(f"/proc/self/fd/{self._handle.fileno()}")
+        flags = 0
+        if mmap:  # Faiss maps IVF lists and flat codes under different flags, each refused by the other's reader
+            flags = faiss.IO_FLAG_MMAP if os.pread(self._handle.fileno(), 2, 0) == b"Iw" else faiss.IO_FLAG_MMAP_IFC
         try:
-            return faiss.read_index(str(by_handle if by_handle.exists() else self.file),
-                                    faiss.IO_FLAG_MMAP_IFC if mmap else 0)
+            return faiss.read_index(str(by_handle if by_handle.exists() else self.file), flags)
         # What Faiss raises on a file it cannot parse: its own errors, and allocations sized by a bad header.
         except (RuntimeError, MemoryError, IndexError, AssertionError, ValueError, OverflowError) as error:
             reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]

@@ -14,6 +14,7 @@ import faiss
 import numpy as np
 import torch
 
+from ..memory.faiss_index import index_dimension
 from ..memory.manager import Document, Memory
 from ..memory.sharded import LocalShards, ShardedMemory
 from . import format as fmt
@@ -56,12 +57,14 @@ def save_memory(memory: Memory, path: str | Path | None = None, *, include_overl
     arrays["valid.bin"] = valid.to(torch.uint8)
     known = memory.provenance if memory.provenance is not None else torch.zeros(0, 3, dtype=torch.long)
     unknown = torch.full((size - len(known), 3), -1)  # entries written by forward passes, not documents
-    arrays["provenance.bin"] = torch.cat([known, unknown])
+    provenance = torch.cat([known.long(), unknown])
+    narrow = not len(provenance) or int(provenance.abs().max()) <= torch.iinfo(torch.int32).max
+    arrays["provenance.bin"] = provenance.int() if narrow else provenance
     manifest = dict(
         fingerprint=memory.fingerprint, layers=list(memory.layers), num_heads=memory.num_heads,
         head_dim=memory.head_dim, dtype=str(memory.dtype).removeprefix("torch."), codec=memory.codec,
         codec_arrays=codec_arrays,
-        index=memory.index, k=memory.k,
+        index=memory.index, k=memory.k, provenance_dtype="int32" if narrow else "int64",
         options=memory.options(), l2_bounds=bounds, ivf_outliers=outliers, entries=size,
         documents=[d._asdict() for d in memory.documents],
     )
@@ -190,17 +193,18 @@ def _open_memory(path: Path, manifest: dict, handles: dict, config, device: torc
             opened = {own: fmt.DeferredIndex(data / name, handles[name]) for own, name in names.items()}
             metadata = {"l2_bounds": manifest["l2_bounds"][str(layer)],
                         "ivf_outliers": manifest["ivf_outliers"][str(layer)]}
-            width = dim + int(manifest["options"]["l2_reduction"])
+            width = index_dimension(manifest["index"], dim, manifest["options"]["l2_reduction"])
             # Read on first search; memory-mapped unless the store is opened for writing.
             memory.backend(layer).import_state(
                 lambda opened=opened, metadata=metadata, width=width:
                 ({own: _checked_index(f, mmap=not writable, dim=width, entries=size) if own.endswith(".faiss")
                   and not own.endswith("outliers.faiss") else f.read(mmap=not writable) for own, f in opened.items()},
-                 metadata))
+                 metadata), source=str(data / f"layer{layer}"))
             for f in opened.values():
                 memory.on_close(f.close)
     memory.documents = [Document(**d) for d in manifest["documents"]]
-    memory.provenance = fmt.map_array(handles["provenance.bin"], (size, 3), torch.int64, writable)
+    dtype = getattr(torch, manifest.get("provenance_dtype", "int64"))  # int64 in stores written before int32
+    memory.provenance = fmt.map_array(handles["provenance.bin"], (size, 3), dtype, writable)
     return memory
 
 
@@ -236,18 +240,21 @@ def _check_codes(file: Path, size: int, shape: tuple, codec) -> None:
 
 
 def _checked_index(index_file: fmt.DeferredIndex, *, mmap: bool, dim: int, entries: int) -> faiss.Index:
-    """The index in `index_file`, after checking that it is what the store wrote: an id-mapped index over
-    vectors of `dim` dimensions whose ids are entries of the store (they index the value arrays)."""
+    """The index in `index_file`, after checking that it is what the store wrote: an IVF index or an id-mapped one,
+    over vectors of `dim` dimensions, whose ids are entries of the store (they index the value arrays). The ids in
+    IVF lists are checked as searches return them (`FaissBackend`): reading them all here would read every list."""
     index = index_file.read(mmap=mmap)
     problem = None
-    if not isinstance(index, faiss.IndexIDMap2):
-        problem = f"a {type(index).__name__}, not the id-mapped index the store writes"
+    if not isinstance(index, faiss.IndexIDMap2) and faiss.try_extract_index_ivf(index) is None:
+        problem = f"a {type(index).__name__}, not an IVF or id-mapped index as the store writes"
     elif index.d != dim:
         problem = f"indexes vectors of {index.d} dimensions, the store's keys need {dim}"
-    else:
+    elif index.ntotal > entries:
+        problem = f"holds {index.ntotal} vectors for {entries} entries"
+    elif isinstance(index, faiss.IndexIDMap2):
         ids = faiss.vector_to_array(index.id_map)
-        if len(ids) != index.ntotal or index.ntotal > entries:
-            problem = f"holds {index.ntotal} vectors and {len(ids)} ids for {entries} entries"
+        if len(ids) != index.ntotal:
+            problem = f"holds {index.ntotal} vectors and {len(ids)} ids"
         elif len(ids) and (ids.min() < 0 or ids.max() >= entries):
             problem = f"maps vectors to ids {ids.min()}..{ids.max()}, outside the {entries} entries"
     if problem:

@@ -1,11 +1,13 @@
 import warnings
 
 import faiss
+import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
 
 import knnmem
+from knnmem.memory.faiss_index import inner_index, reduced_layout
 from knnmem.memory import exact_top_k
 
 # Every top-k backend, with options under which it must be exact once k covers the memory.
@@ -170,25 +172,51 @@ def test_hnsw_searches_at_least_k_candidates_unless_told(make_model, ids, option
     memory = knnmem.Memory.create(model, index="HNSW32", **options)
     forward(model, ids, memory)
     indexes = [index for backend in memory._backends.values() for row in backend._rows for index in row]
-    assert indexes and {faiss.downcast_index(index.index).hnsw.efSearch for index in indexes} == {expected}
+    assert indexes and {inner_index(index).hnsw.efSearch for index in indexes} == {expected}
     assert memory.empty_like().options()["efSearch"] == expected
 
 
 @pytest.mark.parametrize(
-    "spec, options, l2, nprobe",
-    [("IVF64,Flat", {}, True, 2), ("IVF64,Flat", dict(l2_reduction=False, nprobe=5), False, 5),
-     ("IVF64,PQ4x4", {}, False, 2)],
+    "spec, options, l2, dim, nprobe",
+    [("IVF64,Flat", {}, True, 17, 2), ("IVF64,Flat", dict(l2_reduction=False, nprobe=5), False, 16, 5),
+     ("IVF64,PQ4x4", {}, True, 20, 2), ("HNSW8", {}, False, 16, None)],
 )
-def test_ivf_defaults_probe_a_32nd_of_the_lists_and_reduce_flat_ones_to_l2(spec, options, l2, nprobe):
+def test_ivf_defaults_probe_a_32nd_of_the_lists_and_reduce_to_l2(spec, options, l2, dim, nprobe):
     memory = knnmem.Memory(layers=[0], num_heads=2, head_dim=16, dtype=torch.float32, index=spec, k=8,
                            train_size=300, **options)
     keys = torch.randn(1, 2, 400, 16)
     memory.add(0, keys, keys, torch.ones(1, 400, dtype=torch.bool))
-    indexes = [faiss.extract_index_ivf(index.index) for row in memory.backend(0)._rows for index in row]
+    indexes = [inner_index(index) for row in memory.backend(0)._rows for index in row]
     assert len(indexes) == 2 and all(index.is_trained and index.ntotal == 400 for index in indexes)
-    assert {index.nprobe for index in indexes} == {nprobe}
-    assert {index.d for index in indexes} == {16 + l2}
+    assert {index.d for index in indexes} == {dim}  # PQ4 of 16 + 1 coordinates: padded to 20
+    mapped = {isinstance(faiss.downcast_index(index), faiss.IndexIDMap2) for index in memory.backend(0)._rows[0]}
+    assert mapped == {nprobe is None}  # IVF lists hold the entry ids themselves, other indexes have an id map
+    if nprobe is not None:
+        assert {faiss.extract_index_ivf(index).nprobe for index in indexes} == {nprobe}
     assert memory.options()["l2_reduction"] is l2 and memory.empty_like().options()["l2_reduction"] is l2
+
+
+def test_the_l2_reduction_spreads_padding_over_product_quantizers():
+    dim, positions = reduced_layout("IVF8,PQ16", 32)  # 33 coordinates in 16 sub-vectors of 3
+    assert dim == 48 and len(positions) == 33 and len(set(positions.tolist())) == 33
+    assert sorted(np.bincount(positions // 3, minlength=16).tolist()) == [2] * 15 + [3]
+    assert reduced_layout("IVF8,PQ11", 32)[0] == 33 and reduced_layout("IVF8,Flat", 32)[0] == 33
+    with pytest.raises(ValueError, match="IVF8,PQ1000"):
+        reduced_layout("IVF8,PQ1000", 32)
+
+
+def test_a_padded_product_quantizer_ranks_as_inner_products_do():
+    torch.manual_seed(0)
+    keys, queries = torch.randn(1, 1, 3000, 16), torch.randn(1, 1, 50, 16)
+    memory = knnmem.Memory(layers=[0], num_heads=1, head_dim=16, dtype=torch.float32, index="IVF4,PQ16", k=10,
+                           train_size=3000, nprobe=4, keep_keys=False)  # 17 coordinates padded to 32
+    memory.add(0, keys, keys, torch.ones(1, 3000, dtype=torch.bool))
+    hits = memory.search(0, queries, slice(None))
+    exact = (queries @ keys.transpose(-1, -2)).topk(10, dim=-1).indices
+    recall = (hits.ids[..., :, None] == exact[..., None, :]).any(-1).float().mean()
+    assert recall > 0.8  # 0.89 here; queries laid out unlike the keys would find next to none
+    exact_scores = torch.einsum("bhtd,bhtkd->bhtk", queries, hits.values)  # values are the keys here
+    assert (hits.scores - exact_scores).abs().mean() < 0.1 * exact_scores.abs().mean()  # scored by the codes
 
 
 def test_beam_search_with_faiss_memory_runs(make_model):
@@ -208,7 +236,7 @@ def test_beam_search_with_faiss_memory_runs(make_model):
         (dict(index="dense", efSearch=3), "takes no Faiss options"),
         (dict(index="Flat", k=0), "k must be a positive integer"),
         (dict(index="IVF64,Flat", train_size=63), "train_size 63 is below the 64 lists"),
-        (dict(index="IVF4,PQ8", l2_reduction=True), r"dimension 9 \(head dimension \+ 1"),
+        (dict(index="IVF4,PQ1000", l2_reduction=True), r"dimension 9 \(head dimension \+ 1"),
     ],
 )
 def test_bad_memory_options(make_model, kwargs, message):
@@ -234,7 +262,7 @@ def test_entries_unlike_the_training_sample_are_searched_exactly_and_persisted()
         memory.add(0, unlike, unlike, torch.ones(1, 1, dtype=torch.bool))
     query = (torch.eye(8)[4] - 0.5 * torch.eye(8)[0])[None, None, None]
     assert memory.search(0, query, slice(0, 1)).ids.item() == 40
-    without = faiss.downcast_index(memory.backend(0)._rows[0][0].index)  # what probing alone returns
+    without = inner_index(memory.backend(0)._rows[0][0])  # what probing alone returns
     probed = without.search(torch.cat([query[0, 0], torch.zeros(1, 1)], 1).numpy(), 1)[1].item()
     assert probed != 40
     state = memory.backend(0).export_state()
