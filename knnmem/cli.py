@@ -242,8 +242,8 @@ def cmd_passkey(args) -> None:
 
     model, tokenizer = load_model(args)
     spec = check_spec(args.index, model.config.head_dim)
-    results = passkey_sweep(model, tokenizer, args.lengths, index=spec, k=args.k,
-                            exact_up_to=args.exact_up_to, trials=args.trials, seed=args.seed)
+    results = passkey_sweep(model, tokenizer, args.lengths, index=spec, k=args.k, exact_up_to=args.exact_up_to,
+                            trials=args.trials, seed=args.seed, codec=args.codec, keep_keys=args.keep_keys)
     _print_passkey(results, args.report)
 
 
@@ -368,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exact-up-to", type=parse_tokens, default=1 << 16, help="also run dense memory up to this length")
     p.add_argument("--trials", type=parse_positive, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--codec", default=None, help="how the index's memory stores keys and values, as for `knnmem index`")
+    p.add_argument("--keep-keys", type=_parse_bool, default=True, help="the index's memory keeps full keys (default true)")
     p.add_argument("--report", help="directory for passkey.json and passkey.png")
     _add_device(p)
     p.set_defaults(func=cmd_passkey)

@@ -131,18 +131,22 @@ class PasskeyResult:
 
 
 def passkey_sweep(model, tokenizer, lengths: list[int], *, index: str, k: int, exact_up_to: int, trials: int,
-                  seed: int = 0) -> list[PasskeyResult]:
-    """Pass-key accuracy per length with dense memory (lengths up to `exact_up_to`) and with `index`."""
+                  seed: int = 0, codec: str | None = None, keep_keys: bool = True) -> list[PasskeyResult]:
+    """Pass-key accuracy per length with dense memory (lengths up to `exact_up_to`) and with `index`, whose
+    entries are stored with `codec` (and without their keys unless `keep_keys`; see `Memory`)."""
     too_short = [length for length in lengths if length < shortest_prompt(tokenizer)]
     if too_short:  # refused before any trial runs, rather than reported for a longer prompt
         raise ValueError(f"lengths {too_short} are shorter than a pass-key prompt without filler "
                          f"({shortest_prompt(tokenizer)} tokens with this tokenizer)")
+    options = dict(codec=codec, keep_keys=keep_keys)
+    Memory.create(model, index=index, k=k, **options)  # refuses a bad codec or option before any trial
+    label = index + (f" {codec}" if codec else "") + ("" if keep_keys else " no keys")
     results = []
     for length in lengths:
-        for spec in (["dense"] if length <= exact_up_to else []) + [index]:
+        for spec, name, chosen in ([("dense", "dense", {})] if length <= exact_up_to else []) + [(index, label, options)]:
             done = run_passkey(model, tokenizer, length, trials=trials, seed=seed,
-                               memory_factory=lambda: Memory.create(model, index=spec, k=k))
-            results.append(PasskeyResult.of(length, spec, done))
+                               memory_factory=lambda: Memory.create(model, index=spec, k=k, **chosen))
+            results.append(PasskeyResult.of(length, name, done))
     return results
 
 

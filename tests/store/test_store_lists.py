@@ -1,0 +1,115 @@
+"""IVF stores: lists that hold entry ids themselves, memory-mapped from the store; stores of the earlier layouts."""
+
+import json
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+import knnmem
+import knnmem.memory.faiss_index as faiss_index
+from knnmem.memory.faiss_index import inner_index
+from knnmem.store.format import _record
+from knnmem.store.manifest import checksum
+from conftest import sharp_model, tiny_config
+
+OPTIONS = dict(k=16, train_size=40, nprobe=2)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return sharp_model(tiny_config())
+
+
+def filled(model, index="IVF4,PQ3", **options):
+    torch.manual_seed(0)
+    memory = knnmem.Memory.create(model, index=index, **{**OPTIONS, **options})
+    docs = [torch.randint(1, 96, (length,)).tolist() for length in (300, 250, 280)]
+    knnmem.encode_documents(model, docs, memory, progress=False)
+    return memory
+
+
+def read(model, memory, ids):
+    with torch.no_grad():
+        return model(ids, memory=memory, use_cache=True, last_context_length=ids.shape[1]).logits
+
+
+def manifest_of(store):
+    return json.loads((store / "manifest.json").read_text())
+
+
+def signed(store, manifest):
+    manifest["checksum"] = checksum(manifest)
+    (store / "manifest.json").write_text(json.dumps(manifest))
+
+
+def heads(memory, layer):
+    return [index for row in memory.backend(layer)._rows for index in row]
+
+
+@pytest.mark.parametrize("index, options", [("IVF4,PQ3", {}), ("IVF4,Flat", dict(keep_keys=False))])
+def test_ivf_lists_are_mapped_from_the_store_and_answer_as_before(model, tmp_path, index, options):
+    memory = filled(model, index, **options)
+    query = torch.randint(1, 96, (1, 12))
+    expected = read(model, memory, query)
+    memory.save(tmp_path / "store")
+    assert all(not isinstance(faiss.downcast_index(i), faiss.IndexIDMap2) for i in heads(memory, 1))  # ids in lists
+    with knnmem.Memory.load(tmp_path / "store", model=model) as loaded:
+        assert torch.equal(read(model, loaded, query), expected)
+        lists = {type(faiss.downcast_InvertedLists(faiss.extract_index_ivf(i).invlists)).__name__ for i in heads(loaded, 1)}
+        assert lists == {"OnDiskInvertedLists"}  # mapped read-only, not read
+    with knnmem.Memory.load(tmp_path / "store", model=model, writable=True) as writable:
+        assert torch.equal(read(model, writable, query), expected)
+        lists = {type(faiss.downcast_InvertedLists(faiss.extract_index_ivf(i).invlists)).__name__ for i in heads(writable, 1)}
+        assert lists == {"ArrayInvertedLists"}  # read, to take more entries
+
+
+def test_a_store_of_id_mapped_ivf_indexes_opens_unchanged(model, tmp_path, monkeypatch):
+    # Stores written before IVF lists held entry ids wrap every index in an id map, and are int64 provenance.
+    monkeypatch.setattr(faiss_index, "_with_ids", faiss.IndexIDMap2)
+    old = filled(model)
+    monkeypatch.undo()
+    old.save(tmp_path / "store")
+    manifest = manifest_of(tmp_path / "store")
+    provenance = tmp_path / "store" / manifest["generation"] / "provenance.bin"
+    data = np.fromfile(provenance, dtype=np.int32).astype(np.int64)
+    data.tofile(provenance)
+    manifest["files"]["provenance.bin"] = _record(memoryview(data.tobytes()))
+    del manifest["provenance_dtype"]
+    signed(tmp_path / "store", manifest)
+    assert isinstance(faiss.read_index(str(provenance.parent / "layer1.head0.faiss")), faiss.IndexIDMap2)
+    query = torch.randint(1, 96, (1, 12))
+    with knnmem.Memory.load(tmp_path / "store", model=model) as loaded:
+        assert torch.equal(read(model, loaded, query), read(model, old, query))
+        assert loaded.provenance.dtype == torch.int64 and torch.equal(loaded.provenance, old.provenance)
+
+
+def test_provenance_is_stored_in_int32(model, tmp_path):
+    memory = filled(model)
+    memory.save(tmp_path / "store")
+    manifest = manifest_of(tmp_path / "store")
+    assert manifest["provenance_dtype"] == "int32"
+    assert manifest["files"]["provenance.bin"]["bytes"] == len(memory) * 3 * 4
+    with knnmem.Memory.load(tmp_path / "store", model=model) as loaded:
+        assert torch.equal(loaded.provenance.long(), memory.provenance)
+
+
+def test_ids_in_ivf_lists_outside_the_store_are_refused_when_searched(model, tmp_path):
+    filled(model).save(tmp_path / "store")
+    manifest = manifest_of(tmp_path / "store")
+    file = tmp_path / "store" / manifest["generation"] / "layer1.head1.faiss"
+    index = faiss.read_index(str(file))
+    invlists = faiss.extract_index_ivf(index).invlists
+    for list_no in range(invlists.nlist):  # consistent checksums: a crafted file
+        size = invlists.list_size(list_no)
+        if size:
+            ids = faiss.rev_swig_ptr(invlists.get_ids(list_no), size)
+            ids += 1000
+    data = faiss.serialize_index(index)
+    file.write_bytes(data.tobytes())
+    manifest["files"][file.name] = _record(memoryview(data))
+    signed(tmp_path / "store", manifest)
+    with knnmem.Memory.load(tmp_path / "store", model=model) as loaded:
+        with pytest.raises(ValueError, match=r"layer1.head1.faiss: returned entry id \d+, outside the 830 entries"):
+            read(model, loaded, torch.randint(1, 96, (1, 12)))
