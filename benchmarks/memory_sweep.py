@@ -32,6 +32,7 @@ DEFAULT_SPECS = {
     "IVF1024,Flat": [dict(nprobe=8), dict(nprobe=32), dict(nprobe=128)],
     "IVF1024,Flat+l2": [dict(nprobe=8), dict(nprobe=32), dict(nprobe=128)],
     "IVF1024,PQ16x4fs": [dict(nprobe=32)],
+    "IVF1024,PQ17+l2@bfloat16/pq4-keys": [dict(nprobe=32)],
 }
 
 
@@ -50,7 +51,7 @@ def label(spec: str, params: dict) -> str:
 
 
 @torch.no_grad()
-def measure(model, memory: knnmem.Memory, probe: RetrievalProbe, params: dict, prompt: torch.Tensor,
+def measure(model, spec: str, memory: knnmem.Memory, probe: RetrievalProbe, params: dict, prompt: torch.Tensor,
             decode_steps: int) -> dict:
     """Quality, prefill and decode of one operating point; `memory` is read, never written."""
     if params:
@@ -75,7 +76,7 @@ def measure(model, memory: knnmem.Memory, probe: RetrievalProbe, params: dict, p
     if len(memory) != entries:
         raise RuntimeError(f"the workload wrote {len(memory) - entries} entries to the memory it measures")
     return dict(
-        index=label(memory.index + ("+l2" if memory.options().get("l2_reduction") else ""), params),
+        index=label(spec, params),
         memory_tokens=len(memory), k=None if memory.index == "dense" else memory.k,
         decode_ms=1000 * sorted(steps)[len(steps) // 2], prefill_tok_s=prompt.shape[1] / min(timings),
         recall=quality.recall, mass=quality.mass_captured, bytes_per_token=memory.nbytes / len(memory),
@@ -83,14 +84,18 @@ def measure(model, memory: knnmem.Memory, probe: RetrievalProbe, params: dict, p
 
 
 def build(model, source: knnmem.Memory, spec: str, k: int) -> tuple[knnmem.Memory, RetrievalProbe, dict]:
-    """Re-index `source` under `spec` ("+l2" suffix: inner-product-to-L2 reduction, else none)."""
+    """Re-index `source` under `spec`: "INDEX[+l2][@CODEC][-keys]", where "+l2" asks for the inner-product-to-L2
+    reduction (else none), "@CODEC" stores entries with that codec and "-keys" keeps no keys beside the index
+    (recall is then judged by `source`'s keys)."""
     rss_before, start = rss_bytes(), time.perf_counter()
+    spec, dropped = spec.removesuffix("-keys"), spec.endswith("-keys")
+    spec, _, codec = spec.partition("@")
     index, l2 = spec.removesuffix("+l2"), spec.endswith("+l2")
     options = {} if index == "dense" else dict(k=k) if index == "torch" else dict(k=k, l2_reduction=l2)
-    memory = knnmem.Memory.create(model, index=index, **options)
+    memory = knnmem.Memory.create(model, index=index, codec=codec or None, keep_keys=not dropped, **options)
     memory.extend(source)
     cost = dict(build_s=time.perf_counter() - start, rss_gb=(rss_bytes() - rss_before) / 2**30)
-    return memory, RetrievalProbe(memory), cost
+    return memory, RetrievalProbe(memory, reference=source if dropped or codec else None), cost
 
 
 def markdown(rows: list[dict]) -> str:
@@ -138,7 +143,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="65536,262144,1048576", help="memory sizes in tokens, comma-separated")
     parser.add_argument(
-        "--index", action="append", help="index spec with search settings, e.g. 'HNSW32:efSearch=16;efSearch=64' (repeatable)"
+        "--index", action="append", help="index spec with search settings, e.g. 'HNSW32:efSearch=16;efSearch=64' or "
+        "'IVF1024,PQ17+l2@bfloat16/pq4-keys:nprobe=32' (codec after @, -keys: no keys kept; see `build`; repeatable)"
     )
     parser.add_argument("--model", type=Path, default=SHIPPED_MODEL)
     parser.add_argument("--k", type=int, default=128)
@@ -166,7 +172,7 @@ def main() -> None:
                 continue
             memory, probe, cost = build(model, source, spec, args.k)
             for params in settings:
-                rows.append({**measure(model, memory, probe, params, prompt, args.decode_steps), **cost})
+                rows.append({**measure(model, spec, memory, probe, params, prompt, args.decode_steps), **cost})
                 results_path.write_text(json.dumps(rows, indent=1))  # resumable: finished points are kept
                 print(markdown(rows[-1:]).splitlines()[-1], flush=True)
             del memory

@@ -65,7 +65,7 @@ class Memory:
         k: entries retrieved per query and head (top-k backends).
         train_size: entries a row needs before IVF/PQ indexes are trained (default: 39 per centroid).
         l2_reduction: index Faiss specs by the inner-product-to-L2 reduction (see `FaissBackend`; default:
-            on for `IVF...,Flat` specs only).
+            on for IVF specs, off for others).
         search_params: Faiss search parameters such as `efSearch=128` or `nprobe=64` (defaults: see
             `FaissBackend`).
     """
