@@ -12,7 +12,9 @@ Layout of a store directory (documented for users in `indexes/README.md`):
         layer<L>.head<h>.faiss one Faiss index per head (Faiss specs only)
         layer<L>.head<h>.outliers.faiss  keys of the IVF outliers, when keys are not kept
         valid.bin              (M,) uint8: 1 for entries that may receive attention
-        provenance.bin         (M, 3) int32 (int64 if a number needs it): document id, token position, token id
+        provenance.bin         (M,) int32 token ids, documents and positions following from the documents'
+                               entry ranges (manifest "provenance": "token_ids"); else (M, 3) int64:
+                               document id, token position, token id
 
 `write_store` takes the write lock, writes a new generation directory, then atomically replaces
 `manifest.json`, then deletes older generations. A process killed at any point leaves the previous

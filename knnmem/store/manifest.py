@@ -20,9 +20,6 @@ import re
 from pathlib import Path
 
 FORMAT_VERSION = 2
-# Integer widths provenance is stored in (bytes): int32 unless a number needs more; stores written before int32
-# provenance hold int64.
-PROVENANCE_DTYPES = {"int32": 4, "int64": 8}
 MANIFEST = "manifest.json"
 GENERATION = re.compile(r"data-[0-9a-f]{12}")
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -151,8 +148,8 @@ def check_manifest(manifest: dict, file: Path) -> None:
         and isinstance(d["name"], str) and _is(d["start"], int) and _is(d["end"], int)
         and 0 <= d["start"] <= d["end"] <= entries for d in v),
         f"a list of documents {{id, name, start, end}} within the {entries} entries")
-    if "provenance_dtype" in manifest:  # absent in stores written before it: int64
-        need("provenance_dtype", str, PROVENANCE_DTYPES.__contains__, f"one of {sorted(PROVENANCE_DTYPES)}")
+    if "provenance" in manifest:  # absent where provenance.bin holds (document, position, token id) as int64
+        need("provenance", str, lambda v: v == "token_ids", "'token_ids' (int32 token ids, one per entry)")
     if "codec" in manifest:  # absent in stores written before codecs: the cast codec of `dtype`
         need("codec", str, str.strip, "a codec spec such as int8 or int8/pq8")
     shapes = manifest.get("codec_arrays", {})
@@ -182,7 +179,7 @@ def data_files(manifest: dict) -> tuple[dict[str, int | None], set[str]]:
     codec = manifest.get("codec", manifest["dtype"])  # a cast codec stores its dtype's bytes
     array = entries * heads * dim * _ITEMSIZE[codec] if codec in _ITEMSIZE else None
     keep_keys = manifest["options"].get("keep_keys", True) is not False
-    provenance = entries * 3 * PROVENANCE_DTYPES[manifest.get("provenance_dtype", "int64")]
+    provenance = entries * 4 if manifest.get("provenance") == "token_ids" else entries * 3 * 8
     files: dict[str, int | None] = {"valid.bin": entries, "provenance.bin": provenance}
     files |= {name: 4 * math.prod(shape) for name, shape in manifest.get("codec_arrays", {}).items()}  # float32
     optional = set()

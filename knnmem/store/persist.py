@@ -58,13 +58,16 @@ def save_memory(memory: Memory, path: str | Path | None = None, *, include_overl
     known = memory.provenance if memory.provenance is not None else torch.zeros(0, 3, dtype=torch.long)
     unknown = torch.full((size - len(known), 3), -1)  # entries written by forward passes, not documents
     provenance = torch.cat([known.long(), unknown])
-    narrow = not len(provenance) or int(provenance.abs().max()) <= torch.iinfo(torch.int32).max
-    arrays["provenance.bin"] = provenance.int() if narrow else provenance
+    # Document ids and positions follow from the documents' entry ranges; stored only if they do not (4 bytes an
+    # entry instead of 24).
+    tokens_only = torch.equal(provenance[:, :2], _document_positions(memory.documents, size, torch.long)) and (
+        not size or int(provenance[:, 2].max()) <= torch.iinfo(torch.int32).max)
+    arrays["provenance.bin"] = provenance[:, 2].int().contiguous() if tokens_only else provenance
     manifest = dict(
         fingerprint=memory.fingerprint, layers=list(memory.layers), num_heads=memory.num_heads,
         head_dim=memory.head_dim, dtype=str(memory.dtype).removeprefix("torch."), codec=memory.codec,
         codec_arrays=codec_arrays,
-        index=memory.index, k=memory.k, provenance_dtype="int32" if narrow else "int64",
+        index=memory.index, k=memory.k, **({"provenance": "token_ids"} if tokens_only else {}),
         options=memory.options(), l2_bounds=bounds, ivf_outliers=outliers, entries=size,
         documents=[d._asdict() for d in memory.documents],
     )
@@ -203,9 +206,21 @@ def _open_memory(path: Path, manifest: dict, handles: dict, config, device: torc
             for f in opened.values():
                 memory.on_close(f.close)
     memory.documents = [Document(**d) for d in manifest["documents"]]
-    dtype = getattr(torch, manifest.get("provenance_dtype", "int64"))  # int64 in stores written before int32
-    memory.provenance = fmt.map_array(handles["provenance.bin"], (size, 3), dtype, writable)
+    if manifest.get("provenance") == "token_ids":  # else (entries, 3) int64, as stores written before it hold
+        tokens = fmt.map_array(handles["provenance.bin"], (size, 1), torch.int32, writable)
+        memory.provenance = torch.cat([_document_positions(memory.documents, size, torch.int32), tokens], dim=1)
+    else:
+        memory.provenance = fmt.map_array(handles["provenance.bin"], (size, 3), torch.int64, writable)
     return memory
+
+
+def _document_positions(documents: list[Document], size: int, dtype: torch.dtype) -> torch.Tensor:
+    """(size, 2): the document id and position of every entry a document covers, -1 for the others."""
+    columns = torch.full((size, 2), -1, dtype=dtype)
+    for document in documents:
+        columns[document.start : document.end, 0] = document.id
+        columns[document.start : document.end, 1] = torch.arange(document.end - document.start, dtype=dtype)
+    return columns
 
 
 def _load_codec_state(codec, data: Path, handles: dict, prefix: str, shapes: dict) -> None:

@@ -66,17 +66,17 @@ def test_ivf_lists_are_mapped_from_the_store_and_answer_as_before(model, tmp_pat
 
 
 def test_a_store_of_id_mapped_ivf_indexes_opens_unchanged(model, tmp_path, monkeypatch):
-    # Stores written before IVF lists held entry ids wrap every index in an id map, and are int64 provenance.
+    # Stores written before IVF lists held entry ids wrap every index in an id map, and hold all of provenance.
     monkeypatch.setattr(faiss_index, "_with_ids", faiss.IndexIDMap2)
     old = filled(model)
     monkeypatch.undo()
     old.save(tmp_path / "store")
     manifest = manifest_of(tmp_path / "store")
     provenance = tmp_path / "store" / manifest["generation"] / "provenance.bin"
-    data = np.fromfile(provenance, dtype=np.int32).astype(np.int64)
-    data.tofile(provenance)
-    manifest["files"]["provenance.bin"] = _record(memoryview(data.tobytes()))
-    del manifest["provenance_dtype"]
+    data = old.provenance.numpy().astype(np.int64).tobytes()
+    provenance.write_bytes(data)
+    manifest["files"]["provenance.bin"] = _record(memoryview(data))
+    del manifest["provenance"]
     signed(tmp_path / "store", manifest)
     assert isinstance(faiss.read_index(str(provenance.parent / "layer1.head0.faiss")), faiss.IndexIDMap2)
     query = torch.randint(1, 96, (1, 12))
@@ -85,14 +85,24 @@ def test_a_store_of_id_mapped_ivf_indexes_opens_unchanged(model, tmp_path, monke
         assert loaded.provenance.dtype == torch.int64 and torch.equal(loaded.provenance, old.provenance)
 
 
-def test_provenance_is_stored_in_int32(model, tmp_path):
+def test_provenance_stores_token_ids_only_when_documents_give_the_rest(model, tmp_path):
     memory = filled(model)
+    documents = len(memory)
+    with torch.no_grad():  # entries of no document, written by reading text with the memory
+        model(torch.randint(1, 96, (1, 300)), memory=memory, use_cache=False)
+    assert len(memory) > documents
     memory.save(tmp_path / "store")
     manifest = manifest_of(tmp_path / "store")
-    assert manifest["provenance_dtype"] == "int32"
-    assert manifest["files"]["provenance.bin"]["bytes"] == len(memory) * 3 * 4
+    assert manifest["provenance"] == "token_ids"
+    assert manifest["files"]["provenance.bin"]["bytes"] == len(memory) * 4
     with knnmem.Memory.load(tmp_path / "store", model=model) as loaded:
-        assert torch.equal(loaded.provenance.long(), memory.provenance)
+        assert loaded.provenance.shape == (len(memory), 3) and (loaded.provenance[documents:] == -1).all()
+        assert torch.equal(loaded.provenance[:documents].long(), memory.provenance)
+    memory.provenance[5, 1] = 99  # a position the documents do not give: everything is stored
+    memory.save(tmp_path / "other")
+    assert "provenance" not in manifest_of(tmp_path / "other")
+    with knnmem.Memory.load(tmp_path / "other", model=model) as loaded:
+        assert torch.equal(loaded.provenance[:documents], memory.provenance)
 
 
 def test_ids_in_ivf_lists_outside_the_store_are_refused_when_searched(model, tmp_path):
