@@ -4,8 +4,8 @@ Index specs are Faiss factory strings ("Flat", "HNSW32", "IVF1024,Flat", "IVF102
 with METRIC_INNER_PRODUCT, so retrieval ranks entries by q·k, the attention score before scaling.
 Indexes that need training (IVF, PQ) are trained once a row holds `train_size` valid entries; until
 then that row is searched exactly, as is a row holding no more than k entries. Index ids are the
-entry ids of the layer's `EntryStore`, from which the indexes are filled: IVF indexes hold them in their
-lists (8 bytes an entry), every other kind through an id map around it. For a model on CUDA with faiss-gpu
+entry ids of the layer's `EntryStore`, from which the indexes are filled: CPU IVF indexes hold them in
+their lists (8 bytes an entry), every other kind through an id map around it. For a model on CUDA with faiss-gpu
 installed, index types Faiss supports on GPU are built there.
 """
 
@@ -237,8 +237,15 @@ class FaissBackend:
         self._loaded_rows = rows
 
     def nbytes(self) -> int:
-        """Bytes of every index of this layer, serialized."""
-        return sum(faiss.serialize_index(index).nbytes for row in self._rows for index in row)
+        """Bytes of every index of this layer, serialized (memory-mapped lists counted as what they hold)."""
+        total = 0
+        for row in self._rows:
+            for index in row:
+                lists = _mapped_lists(index)
+                total += faiss.serialize_index(index).nbytes  # without the lists of a mapped index
+                if lists is not None:
+                    total += sum(lists.list_size(i) for i in range(lists.nlist)) * (lists.code_size + 8)
+        return total
 
     def reset(self) -> None:
         self._rows, self._bounds, self._radii, self._outliers, self._outlier_keys = [], [], [], [], []
@@ -520,9 +527,18 @@ def _centroid_distances(index: faiss.Index, vectors: np.ndarray) -> np.ndarray |
 
 
 def _with_ids(index: faiss.Index) -> faiss.Index:
-    """`index` able to hold entry ids: IVF lists store ids themselves; other kinds get an id map (8 more bytes an
-    entry, and a reverse map in memory), which keeps a reference to `index`."""
-    return index if faiss.try_extract_index_ivf(index) is not None else faiss.IndexIDMap2(index)
+    """`index` able to hold entry ids: CPU IVF lists store ids themselves (also under a pre-transform such as
+    OPQ); other kinds (refined, GPU, flat, graph) get an id map (8 more bytes an entry, and a reverse map in
+    memory), which keeps a reference to `index`."""
+    return index if holds_ids(index) else faiss.IndexIDMap2(index)
+
+
+def holds_ids(index: faiss.Index) -> bool:
+    """Whether `index` keeps the ids it is given: an IVF index, or one under pre-transforms."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        index = faiss.downcast_index(index.index)
+    return isinstance(index, faiss.IndexIVF)
 
 
 def inner_index(index: faiss.Index) -> faiss.Index:
@@ -531,8 +547,29 @@ def inner_index(index: faiss.Index) -> faiss.Index:
     return faiss.downcast_index(index.index) if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) else index
 
 
+def _mapped_lists(index: faiss.Index):
+    """The memory-mapped (read-only) inverted lists of `index`, or None."""
+    ivf = faiss.try_extract_index_ivf(index)
+    lists = None if ivf is None else faiss.downcast_InvertedLists(ivf.invlists)
+    return lists if isinstance(lists, faiss.OnDiskInvertedLists) else None
+
+
 def _to_cpu(index: faiss.Index) -> faiss.Index:
-    """A CPU copy of an index that may live on a GPU."""
+    """A CPU copy of an index that may live on a GPU, or hold its lists in memory when they are mapped from a store:
+    Faiss writes mapped lists as a reference to their file, not as their entries."""
+    lists = _mapped_lists(index)
+    if lists is not None:
+        ivf = faiss.try_extract_index_ivf(index)
+        array = faiss.ArrayInvertedLists(lists.nlist, lists.code_size)
+        for i in range(lists.nlist):
+            if lists.list_size(i):
+                array.add_entries(i, lists.list_size(i), lists.get_ids(i), lists.get_codes(i))
+        owned, ivf.own_invlists = ivf.own_invlists, False  # else replacing the mapped lists would free them
+        ivf.replace_invlists(array, False)  # serialized with the entries, then given its mapped lists back
+        try:
+            return faiss.deserialize_index(faiss.serialize_index(index))
+        finally:
+            ivf.replace_invlists(lists, owned)
     if "Gpu" in type(inner_index(index)).__name__:
         return faiss.index_gpu_to_cpu(index)  # Faiss's cloner keeps an id map
     return index

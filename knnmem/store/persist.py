@@ -14,7 +14,7 @@ import faiss
 import numpy as np
 import torch
 
-from ..memory.faiss_index import index_dimension
+from ..memory.faiss_index import holds_ids, index_dimension
 from ..memory.manager import Document, Memory
 from ..memory.sharded import LocalShards, ShardedMemory
 from . import format as fmt
@@ -260,7 +260,7 @@ def _checked_index(index_file: fmt.DeferredIndex, *, mmap: bool, dim: int, entri
     IVF lists are checked as searches return them (`FaissBackend`): reading them all here would read every list."""
     index = index_file.read(mmap=mmap)
     problem = None
-    if not isinstance(index, faiss.IndexIDMap2) and faiss.try_extract_index_ivf(index) is None:
+    if not isinstance(index, faiss.IndexIDMap2) and not holds_ids(index):
         problem = f"a {type(index).__name__}, not an IVF or id-mapped index as the store writes"
     elif index.d != dim:
         problem = f"indexes vectors of {index.d} dimensions, the store's keys need {dim}"

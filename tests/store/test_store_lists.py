@@ -68,7 +68,7 @@ def test_ivf_lists_are_mapped_from_the_store_and_answer_as_before(model, tmp_pat
 def test_a_store_of_id_mapped_ivf_indexes_opens_unchanged(model, tmp_path, monkeypatch):
     # Stores written before IVF lists held entry ids wrap every index in an id map, and hold all of provenance.
     monkeypatch.setattr(faiss_index, "_with_ids", faiss.IndexIDMap2)
-    old = filled(model)
+    old = filled(model, "IVF4,PQ4", l2_reduction=False)  # PQ indexes were not reduced then
     monkeypatch.undo()
     old.save(tmp_path / "store")
     manifest = manifest_of(tmp_path / "store")
@@ -83,6 +83,31 @@ def test_a_store_of_id_mapped_ivf_indexes_opens_unchanged(model, tmp_path, monke
     with knnmem.Memory.load(tmp_path / "store", model=model) as loaded:
         assert torch.equal(read(model, loaded, query), read(model, old, query))
         assert loaded.provenance.dtype == torch.int64 and torch.equal(loaded.provenance, old.provenance)
+
+
+def test_a_memory_opened_read_only_saves_its_mapped_lists_whole(model, tmp_path):
+    memory = filled(model)
+    query = torch.randint(1, 96, (1, 12))
+    expected = read(model, memory, query)
+    memory.save(tmp_path / "a")
+    with knnmem.Memory.load(tmp_path / "a", model=model) as loaded:
+        read(model, loaded, query[:, :1])  # reads (maps) the indexes
+        assert abs(loaded.nbytes - memory.nbytes) < 0.01 * memory.nbytes  # the lists counted, not their stub
+        loaded.save(tmp_path / "b")
+        assert torch.equal(read(model, loaded, query), expected)  # its own lists given back
+    for writable in (False, True):
+        with knnmem.Memory.load(tmp_path / "b", model=model, writable=writable) as again:
+            assert torch.equal(read(model, again, query), expected)
+
+
+@pytest.mark.parametrize("spec", ["IVF4,PQ4,RFlat", "OPQ4,IVF4,PQ4"])
+def test_refined_and_transformed_ivf_specs_keep_their_ids(model, tmp_path, spec):
+    memory = filled(model, spec, l2_reduction=False)
+    query = torch.randint(1, 96, (1, 12))
+    expected = read(model, memory, query)
+    memory.save(tmp_path / "store")
+    with knnmem.Memory.load(tmp_path / "store", model=model) as loaded:
+        assert torch.equal(read(model, loaded, query), expected)
 
 
 def test_provenance_stores_token_ids_only_when_documents_give_the_rest(model, tmp_path):
