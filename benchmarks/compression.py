@@ -67,14 +67,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     model, tokenizer = knnmem.load_pretrained(args.model, "cpu")
-    docs = stdlib_documents(tokenizer, args.tokens + args.text_tokens)
+    docs = stdlib_documents(tokenizer, args.tokens + args.text_tokens + 4096)  # the document crossing --tokens is memory
     corpus, held_out, total = [], [], 0
     for doc in docs:  # the corpus first, the documents after it are the held-out text
         (corpus if total < args.tokens else held_out).append(doc)
         total += len(doc)
     base = knnmem.Memory.create(model)
     knnmem.encode_documents(model, corpus, base, progress=False)
-    text = torch.tensor([[t for doc in held_out for t in doc][: args.text_tokens]])
+    text = torch.tensor([[t for doc in held_out for t in doc][: args.text_tokens]], dtype=torch.long)
     rows = []
     for spec, codecs, keep_keys in CONFIGS:
         found = compare_memories(model, text, [spec], base=base, codecs=codecs, keep_keys=keep_keys)
