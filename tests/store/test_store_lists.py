@@ -13,6 +13,7 @@ from knnmem.memory.faiss_index import inner_index
 from knnmem.store.format import _record
 from knnmem.store.manifest import checksum
 from conftest import sharp_model, tiny_config
+from test_store_codecs import documents, manifest_of, read
 
 OPTIONS = dict(k=16, train_size=40, nprobe=2)
 
@@ -23,20 +24,9 @@ def model():
 
 
 def filled(model, index="IVF4,PQ3", **options):
-    torch.manual_seed(0)
     memory = knnmem.Memory.create(model, index=index, **{**OPTIONS, **options})
-    docs = [torch.randint(1, 96, (length,)).tolist() for length in (300, 250, 280)]
-    knnmem.encode_documents(model, docs, memory, progress=False)
+    knnmem.encode_documents(model, documents(), memory, progress=False)
     return memory
-
-
-def read(model, memory, ids):
-    with torch.no_grad():
-        return model(ids, memory=memory, use_cache=True, last_context_length=ids.shape[1]).logits
-
-
-def manifest_of(store):
-    return json.loads((store / "manifest.json").read_text())
 
 
 def signed(store, manifest):
