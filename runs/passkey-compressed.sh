@@ -10,3 +10,5 @@ run() {
 [ -f benchmarks/results/passkey_compressed/64k/passkey.json ] || run IVF1024,PQ17 bfloat16/pq4 10 64k
 run IVF1024,PQ17 bfloat16 5 64k-keys-only
 run IVF1024,Flat bfloat16/pq4 5 64k-values-only
+.venv/bin/knnmem passkey --model model/tiny --lengths 64k --index IVF1024,Flat --codec int8 --exact-up-to 1 --trials 5 \
+    --report benchmarks/results/passkey_compressed/64k-int8
