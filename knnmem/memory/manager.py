@@ -107,7 +107,8 @@ class Memory:
         self.observers: list[SearchObserver] = []
         self.add_observers: list[AddObserver] = []
         self.documents: list[Document] = []  # corpus memories: which ids each document received
-        self.provenance: torch.Tensor | None = None  # (entries, 3): document id, position, token id
+        self._provenance_source: Callable[[], torch.Tensor] | None = None  # a store's, worked out on first use
+        self.provenance = None  # (entries, 3): document id, position, token id
         self.fingerprint: dict | None = None  # of the model whose keys/values these are (for saving)
         self.path: Path | None = None  # the store this memory was loaded from
         self.read_only = False  # loaded stores: additions go to an in-memory overlay
@@ -338,6 +339,21 @@ class Memory:
         for layer in self.layers:
             self._entries[layer].reorder_rows(rows)
             self._backends[layer].reorder_rows(rows)
+
+    @property
+    def provenance(self) -> torch.Tensor | None:
+        """(entries, 3): document id, position and token id of every stored entry (-1 for entries of no document)."""
+        if self._provenance_source is not None:
+            self._provenance, self._provenance_source = self._provenance_source(), None
+        return self._provenance
+
+    @provenance.setter
+    def provenance(self, value: torch.Tensor | None) -> None:
+        self._provenance, self._provenance_source = value, None
+
+    def defer_provenance(self, source: Callable[[], torch.Tensor]) -> None:
+        """Let `provenance` be `source()`, called on first use (a store's: 12 bytes an entry not spent at open)."""
+        self._provenance, self._provenance_source = None, source
 
     def on_close(self, release: Callable[[], None]) -> None:
         """Call `release` when this memory is closed (the store registers the files it holds open)."""

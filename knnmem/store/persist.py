@@ -208,7 +208,8 @@ def _open_memory(path: Path, manifest: dict, handles: dict, config, device: torc
     memory.documents = [Document(**d) for d in manifest["documents"]]
     if manifest.get("provenance") == "token_ids":  # else (entries, 3) int64, as stores written before it hold
         tokens = fmt.map_array(handles["provenance.bin"], (size, 1), torch.int32, writable)
-        memory.provenance = torch.cat([_document_positions(memory.documents, size, torch.int32), tokens], dim=1)
+        documents = list(memory.documents)  # as stored: documents added later have provenance of their own
+        memory.defer_provenance(lambda: torch.cat([_document_positions(documents, size, torch.int32), tokens], dim=1))
     else:
         memory.provenance = fmt.map_array(handles["provenance.bin"], (size, 3), torch.int64, writable)
     return memory

@@ -111,6 +111,7 @@ def test_provenance_stores_token_ids_only_when_documents_give_the_rest(model, tm
     assert manifest["provenance"] == "token_ids"
     assert manifest["files"]["provenance.bin"]["bytes"] == len(memory) * 4
     with knnmem.Memory.load(tmp_path / "store", model=model) as loaded:
+        assert loaded._provenance_source is not None  # worked out on first use, not at open
         assert loaded.provenance.shape == (len(memory), 3) and (loaded.provenance[documents:] == -1).all()
         assert torch.equal(loaded.provenance[:documents].long(), memory.provenance)
     memory.provenance[5, 1] = 99  # a position the documents do not give: everything is stored
