@@ -241,7 +241,7 @@ class FaissBackend:
         total = 0
         for row in self._rows:
             for index in row:
-                lists = _mapped_lists(index)
+                lists = mapped_lists(index)
                 total += faiss.serialize_index(index).nbytes  # without the lists of a mapped index
                 if lists is not None:
                     total += sum(lists.list_size(i) for i in range(lists.nlist)) * (lists.code_size + 8)
@@ -547,7 +547,7 @@ def inner_index(index: faiss.Index) -> faiss.Index:
     return faiss.downcast_index(index.index) if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) else index
 
 
-def _mapped_lists(index: faiss.Index):
+def mapped_lists(index: faiss.Index):
     """The memory-mapped (read-only) inverted lists of `index`, or None."""
     ivf = faiss.try_extract_index_ivf(index)
     lists = None if ivf is None else faiss.downcast_InvertedLists(ivf.invlists)
@@ -557,7 +557,7 @@ def _mapped_lists(index: faiss.Index):
 def _to_cpu(index: faiss.Index) -> faiss.Index:
     """A CPU copy of an index that may live on a GPU, or hold its lists in memory when they are mapped from a store:
     Faiss writes mapped lists as a reference to their file, not as their entries."""
-    lists = _mapped_lists(index)
+    lists = mapped_lists(index)
     if lists is not None:
         ivf = faiss.try_extract_index_ivf(index)
         array = faiss.ArrayInvertedLists(lists.nlist, lists.code_size)

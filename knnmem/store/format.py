@@ -44,6 +44,7 @@ import faiss
 import numpy as np
 import torch
 
+from ..memory.faiss_index import mapped_lists
 from .manifest import (FORMAT_VERSION, GENERATION, MANIFEST, SHARD, StoreError, check_manifest, checksum, is_sharded,
                        read_manifest)
 
@@ -374,9 +375,8 @@ class DeferredIndex:
             flags = faiss.IO_FLAG_MMAP if os.pread(self._handle.fileno(), 2, 0) == b"Iw" else faiss.IO_FLAG_MMAP_IFC
         try:
             index = faiss.read_index(str(by_handle if by_handle.exists() else self.file), flags)
-            ivf = faiss.try_extract_index_ivf(index)
-            lists = None if ivf is None else faiss.downcast_InvertedLists(ivf.invlists)
-            if isinstance(lists, faiss.OnDiskInvertedLists):
+            lists = mapped_lists(index)
+            if lists is not None:
                 if lists.ptr is None:  # an "ilod" stub naming some other file: not what a store writes
                     raise ValueError("its IVF lists are not in the file")
                 # Faiss would start 32 threads to prefetch the probed lists at every search: slower than the
