@@ -15,6 +15,7 @@ import math
 import os
 import re
 import warnings
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import lru_cache
@@ -310,8 +311,7 @@ class FaissBackend:
             index, vectors = self._rows[b][h], stored[h, sel].numpy()
             reduced = self._index_vectors(b, h, vectors)
             index.train(reduced)
-            self._insert(b, h, vectors, row_ids)  # no radius yet: the training entries are not compared
-            distances = _centroid_distances(index, reduced)
+            distances = self._insert(b, h, vectors, row_ids)  # no radius yet: the training entries are not compared
             self._radii[b][h] = None if distances is None else float(distances.max(initial=0.0))
 
         _parallel(train, range(len(self._rows[b])))
@@ -335,13 +335,13 @@ class FaissBackend:
         out[..., positions] = reduced
         return out
 
-    def _insert(self, b: int, h: int, keys: np.ndarray, ids: np.ndarray) -> None:
+    def _insert(self, b: int, h: int, keys: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
+        """Add keys under ids, tracking outliers once the index has a radius; their `_centroid_distances`."""
         if not len(ids):
-            return
+            return None
         reduced = self._index_vectors(b, h, keys)
-        self._rows[b][h].add_with_ids(reduced, ids)
-        distances = None if self._radii[b][h] is None else _centroid_distances(self._rows[b][h], reduced)
-        if distances is not None:
+        distances = _add_with_ids(self._rows[b][h], reduced, ids)
+        if self._radii[b][h] is not None and distances is not None:
             beyond = distances > self._radii[b][h]
             self._outliers[b][h] = np.concatenate([self._outliers[b][h], ids[beyond]])
             if not self.entries.keep_keys:
@@ -355,6 +355,7 @@ class FaissBackend:
                     "them exactly, so searches slow down as they grow. What followed the training entries "
                     "differs from them (another kind of text?): begin the memory with representative text, or "
                     "raise train_size.")
+        return distances
 
     def search(self, queries: torch.Tensor, heads: slice) -> MemoryHits:
         batch, num_heads, num_queries, _ = queries.shape
@@ -381,7 +382,7 @@ class FaissBackend:
         def search_one(task):
             b, j = task
             h, q = first_head + j, np.ascontiguousarray(queries32[b, j])
-            distances, candidates = self._rows[b][h].search(q, listed)  # (T, listed), -1 where fewer
+            scores, candidates = self._search_index(b, h, q, listed)  # (T, listed), -1 where fewer
             if candidates.size and candidates.max() >= len(self.entries):  # ids in IVF lists are checked only here
                 where = f"{self._source}.head{h}.faiss" if self._source else f"the index of head {h}"
                 raise ValueError(f"{where}: returned entry id {candidates.max()}, outside the {len(self.entries)} "
@@ -392,7 +393,6 @@ class FaissBackend:
                     candidates = np.concatenate([candidates, np.broadcast_to(outliers, (num_queries, len(outliers)))], 1)
                 found[b, j] = candidates, None
                 return
-            scores = self._scores(b, h, q, distances)
             if len(outliers):  # their keys are in a flat index: its best k compete with the lists' by score
                 exact_scores, positions = self._outlier_keys[b][h].search(q, min(k, len(outliers)))
                 candidates = np.concatenate([candidates, outliers[positions]], 1)
@@ -428,12 +428,27 @@ class FaissBackend:
                                       for mine, theirs in zip(hits[1:], exact[1:])))
         return hits
 
-    def _scores(self, b: int, h: int, queries: np.ndarray, distances: np.ndarray) -> np.ndarray:
-        """Faiss distances (T, n) of queries (T, ·) as inner products q·k (see the L2 reduction)."""
+    def _search_index(self, b: int, h: int, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The best k of queries (T, ·) by the index: their scores q·k as the index knows them, and ids (T, k).
+
+        Under the L2 reduction the lists are probed by L2 (what they were trained for) but, where the codes allow
+        (`_inner_product_view`), ranked by the inner product of the query with the decoded key: L2 would add the
+        error of the decoded key's norm, |k'|² = R² only before compression, to every score. For `IVF1024,PQ17`
+        over 1M entries of the shipped model this raised recall@128 on its real queries from 0.80 to 0.86.
+        """
+        index = self._rows[b][h]
+        found = _inner_product_view(index) if self.l2_reduction else None
+        if found is not None:
+            (view, centroids), ivf = found, faiss.downcast_index(index)
+            view.nprobe, view.max_codes = ivf.nprobe, ivf.max_codes
+            _, lists = ivf.quantizer.search(queries, view.nprobe)
+            coarse = np.einsum("td,tpd->tp", queries, centroids[np.maximum(lists, 0)]).astype(np.float32)
+            return view.search_preassigned(queries, k, lists, coarse)
+        distances, ids = index.search(queries, k)
         if not self.l2_reduction:
-            return distances
+            return distances, ids
         norms_sq = (queries.astype(np.float64) ** 2).sum(1, keepdims=True)  # |q'|² = |q|²: its extra coordinate is 0
-        return ((norms_sq + self._bounds[b][h] - distances) / 2).astype(np.float32)
+        return ((norms_sq + self._bounds[b][h] - distances) / 2).astype(np.float32), ids
 
     def export_state(self) -> tuple[dict, dict]:
         """Per head: a CPU copy of its index (named `head<h>.faiss`), and the L2-reduction bound and
@@ -524,6 +539,50 @@ def _centroid_distances(index: faiss.Index, vectors: np.ndarray) -> np.ndarray |
         return None
     found = ivf.quantizer.search(np.ascontiguousarray(vectors), 1)[0][:, 0]
     return -found if ivf.metric_type == faiss.METRIC_INNER_PRODUCT else found
+
+
+def _add_with_ids(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
+    """Add `vectors` under `ids`; returns `_centroid_distances` of them. A CPU IVF index (not under a transform, nor
+    fast-scan, which packs codes its own way) gets them from the one coarse search that assigns the lists: computing
+    them apart searched the quantizer twice, a sixth of indexing time."""
+    ivf = faiss.downcast_index(index)
+    if not isinstance(ivf, faiss.IndexIVF) or isinstance(ivf, faiss.IndexIVFFastScan):
+        index.add_with_ids(vectors, ids)
+        return _centroid_distances(index, vectors)
+    vectors, ids = np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64)
+    found, lists = ivf.quantizer.search(vectors, 1)
+    ivf.add_core(len(vectors), faiss.swig_ptr(vectors), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+    return -found[:, 0] if ivf.metric_type == faiss.METRIC_INNER_PRODUCT else found[:, 0]
+
+
+def _inner_product_view(index: faiss.Index) -> tuple[faiss.Index, np.ndarray] | None:
+    """An inner-product IVF index over the same quantizer, codes and lists as the L2 IVF `index` (Flat, PQ and SQ
+    codes; None for other kinds), and the centroids of its lists: searched with preassigned lists and the query's inner
+    products with their centroids, it scores entries by q·(centroid + decoded residual). Made once per index object
+    and dropped with it; the index itself stays an L2 index, as stored."""
+    if index not in _INNER_PRODUCT_VIEWS:
+        _INNER_PRODUCT_VIEWS[index] = _new_inner_product_view(faiss.downcast_index(index))
+    return _INNER_PRODUCT_VIEWS[index]
+
+
+_INNER_PRODUCT_VIEWS: "weakref.WeakKeyDictionary[faiss.Index, tuple | None]" = weakref.WeakKeyDictionary()
+
+
+def _new_inner_product_view(ivf: faiss.Index) -> tuple[faiss.Index, np.ndarray] | None:
+    ip = faiss.METRIC_INNER_PRODUCT
+    if type(ivf) is faiss.IndexIVFPQ:
+        view = faiss.IndexIVFPQ(ivf.quantizer, ivf.d, ivf.nlist, ivf.pq.M, ivf.pq.nbits, ip)
+        view.pq = ivf.pq
+    elif type(ivf) is faiss.IndexIVFScalarQuantizer:
+        view = faiss.IndexIVFScalarQuantizer(ivf.quantizer, ivf.d, ivf.nlist, ivf.sq.qtype, ip, ivf.by_residual)
+        view.sq = ivf.sq
+    elif type(ivf) is faiss.IndexIVFFlat:
+        view = faiss.IndexIVFFlat(ivf.quantizer, ivf.d, ivf.nlist, ip)
+    else:
+        return None
+    view.by_residual, view.is_trained, view.ntotal = ivf.by_residual, True, ivf.ntotal
+    view.replace_invlists(ivf.invlists, False)  # shared: entries added to `ivf` later are found by the view too
+    return view, ivf.quantizer.reconstruct_n(0, ivf.nlist)
 
 
 def _with_ids(index: faiss.Index) -> faiss.Index:
