@@ -30,6 +30,12 @@ CONFIGS = [("IVF1024,Flat", ["float32", "int8"], True), ("IVF1024,Flat", ["bfloa
            ("IVF1024,PQ17", ["bfloat16/pq2", "bfloat16/pq4", "bfloat16/pq8"], False)]
 
 
+def parse_config(text: str) -> tuple[str, list[str], bool]:
+    """"IVF1024,PQ17@bfloat16/pq4-keys" as (index, [codec], keep_keys)."""
+    spec, _, codec = text.removesuffix("-keys").partition("@")
+    return spec, [codec or "float32"], not text.endswith("-keys")
+
+
 def markdown(rows: list[dict]) -> str:
     """The table; rows[0] is dense memory, rows[1] the uncompressed default index that compressed ones are judged by."""
     lines = ["| index | codec | keys kept | bytes/token | recall@128 | mass captured | output rel. error | perplexity | "
@@ -64,8 +70,12 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=SHIPPED_MODEL)
     parser.add_argument("--tokens", type=int, default=1 << 17, help="memory tokens every configuration starts with")
     parser.add_argument("--text-tokens", type=int, default=1 << 12, help="held-out tokens read with each memory")
+    parser.add_argument("--config", action="append", default=None, metavar="INDEX@CODEC[-keys]",
+                        help="a configuration to run instead of the built-in list (-keys: no keys kept); repeatable; "
+                             "the first is the uncompressed reference")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
+    configs = CONFIGS if args.config is None else [parse_config(c) for c in args.config]
     model, tokenizer = knnmem.load_pretrained(args.model, "cpu")
     docs = stdlib_documents(tokenizer, args.tokens + args.text_tokens + 4096)  # the document crossing --tokens is memory
     corpus, held_out, total = [], [], 0
@@ -76,7 +86,7 @@ def main() -> None:
     knnmem.encode_documents(model, corpus, base, progress=False)
     text = torch.tensor([[t for doc in held_out for t in doc][: args.text_tokens]], dtype=torch.long)
     rows = []
-    for spec, codecs, keep_keys in CONFIGS:
+    for spec, codecs, keep_keys in configs:
         found = compare_memories(model, text, [spec], base=base, codecs=codecs, keep_keys=keep_keys)
         rows += [{**asdict(r), "keep_keys": keep_keys or r.index == "dense"} for r in found[0 if not rows else 1:]]
         print(markdown(rows), flush=True)

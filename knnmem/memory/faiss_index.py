@@ -108,7 +108,9 @@ def centroids(index: faiss.Index, spec: str) -> int:
     if index.is_trained:
         return 0
     ivf = faiss.try_extract_index_ivf(index)
-    return max(ivf.nlist if ivf is not None else 1, 256 if "PQ" in spec.upper() else 1)
+    pq = getattr(faiss.downcast_index(index if ivf is None else ivf), "pq", None)
+    codebook = 2 ** pq.nbits if pq is not None else 256 if "PQ" in spec.upper() else 1  # PQ under a transform: 8 bits
+    return max(ivf.nlist if ivf is not None else 1, codebook)
 
 
 def default_search_params(index: faiss.Index, k: int) -> dict:

@@ -108,6 +108,26 @@ def test_l2_reduction_ranks_by_inner_product():
     assert not torch.equal(plain_l2.sort(-1).values, exact[0, 0].sort(-1).values)  # the reduction matters
 
 
+def test_reduced_ivf_lists_score_by_inner_product_beyond_the_reduction_bound():
+    # Keys added after training with norms above every training key's (R) get no room in the extra coordinate:
+    # ranked by L2, their scores would come out lower by (|k|² - R²) / 2; ranked by inner product they are exact.
+    # A search before they arrive makes sure later entries reach a search made once already.
+    torch.manual_seed(0)
+    first, later = torch.randn(1, 1, 200, 8), 2 * torch.randn(1, 1, 100, 8)
+    queries = torch.randn(1, 1, 20, 8)
+    memory = knnmem.Memory(layers=[0], num_heads=1, head_dim=8, dtype=torch.float32, index="IVF4,Flat", k=10,
+                           train_size=200, nprobe=4, keep_keys=False)
+    memory.add(0, first, first, torch.ones(1, 200, dtype=torch.bool))
+    memory.search(0, queries, slice(0, 1))
+    memory.add(0, later, later, torch.ones(1, 100, dtype=torch.bool))
+    hits = memory.search(0, queries, slice(0, 1))
+    scores, ids = exact_top_k(queries, torch.cat([first, later], dim=2), torch.ones(1, 300, dtype=torch.bool), k=10)
+    assert (ids >= 200).any()  # later keys are among the best
+    order = hits.scores.argsort(-1, descending=True)
+    assert torch.equal(hits.ids.gather(-1, order), ids)
+    assert_close(hits.scores.gather(-1, order), scores, atol=1e-4, rtol=0)
+
+
 def test_k_covering_a_row_retrieves_every_entry_even_where_the_index_would_miss_some():
     torch.manual_seed(0)
     keys = torch.randn(1, 1, 3000, 16) * torch.rand(1, 1, 3000, 1) * 3  # varied norms: HNSW misses a few
@@ -318,3 +338,9 @@ def test_parallel_insertion_builds_the_indexes_serial_insertion_does(make_model,
     serial = build()
     assert parallel[0] == serial[0]
     assert [[list(h) for h in row] for row in parallel[1]] == [[list(h) for h in row] for row in serial[1]]
+
+
+@pytest.mark.parametrize("spec, train_size", [("IVF16,PQ4", 39 * 256), ("IVF16,PQ4x10", 39 * 1024), ("IVF2048,PQ4", 39 * 2048)])
+def test_training_waits_for_39_entries_per_centroid_of_lists_or_codebooks(spec, train_size):
+    memory = knnmem.Memory(layers=[0], num_heads=1, head_dim=8, dtype=torch.float32, index=spec, k=10)
+    assert memory.train_size == train_size
