@@ -29,7 +29,7 @@ from knnmem.cli import _parse_bool, parse_token_list
 # (index, codec, keep_keys) of the bytes-on-disk table
 DISK_CONFIGS = [("dense", None, True), ("Flat", None, True), ("HNSW32", None, True), ("IVF1024,Flat", None, True),
                 ("IVF1024,Flat", "bfloat16/pq4", False), ("IVF1024,PQ16x4fs", "bfloat16/pq4", False),
-                ("IVF1024,PQ17", "bfloat16/pq4", False)]
+                ("IVF1024,PQ17", "bfloat16/pq4", False), ("IVF1024,PQ16x10", "bfloat16/pq2", False)]
 
 OPEN_SCRIPT = """
 import json, sys, time, torch
