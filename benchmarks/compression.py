@@ -7,7 +7,8 @@ recall@k and softmax mass on the model's real queries (judged by full-precision 
 perplexity, and bytes per token of keys, values and indexes. Prints a Markdown table, writes JSON and a
 plot of bytes per token against recall and perplexity.
 
-    python benchmarks/compression.py --tokens 1048576 --text-tokens 2048 --out benchmarks/results/compression-1M
+    python benchmarks/compression.py --tokens 1048576 --text-tokens 1024 --config IVF1024,Flat@float32 \
+        --config "IVF1024,PQ16x10@bfloat16/pq2-keys" --out benchmarks/results/compression-1M
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from knnmem.plotting import pyplot
 # (index, codecs, keep_keys): the uncompressed default, then compressed values, then compressed keys as well
 CONFIGS = [("IVF1024,Flat", ["float32", "int8"], True), ("IVF1024,Flat", ["bfloat16/pq4"], False),
            ("IVF1024,PQ16x4fs", ["bfloat16/pq4"], False), ("IVF1024,PQ16", ["bfloat16/pq4"], False),
-           ("IVF1024,PQ17", ["bfloat16/pq2", "bfloat16/pq4", "bfloat16/pq8"], False)]
+           ("IVF1024,PQ17", ["bfloat16/pq2", "bfloat16/pq4", "bfloat16/pq8"], False),
+           ("IVF1024,PQ16x10", ["bfloat16/pq2"], False)]
 
 
 def parse_config(text: str) -> tuple[str, list[str], bool]:
