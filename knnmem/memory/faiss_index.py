@@ -442,7 +442,8 @@ class FaissBackend:
         found = _inner_product_view(index) if self.l2_reduction else None
         if found is not None:
             (view, centroids), ivf = found, faiss.downcast_index(index)
-            view.nprobe, view.max_codes = ivf.nprobe, ivf.max_codes
+            # Faiss reads preassigned lists as (T, min(nprobe, nlist)): more lists than there are is all of them.
+            view.nprobe, view.max_codes = min(ivf.nprobe, ivf.nlist), ivf.max_codes
             _, lists = ivf.quantizer.search(queries, view.nprobe)
             coarse = np.einsum("td,tpd->tp", queries, centroids[np.maximum(lists, 0)]).astype(np.float32)
             return view.search_preassigned(queries, k, lists, coarse)
@@ -544,11 +545,11 @@ def _centroid_distances(index: faiss.Index, vectors: np.ndarray) -> np.ndarray |
 
 
 def _add_with_ids(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
-    """Add `vectors` under `ids`; returns `_centroid_distances` of them. A CPU IVF index (not under a transform, nor
-    fast-scan, which packs codes its own way) gets them from the one coarse search that assigns the lists: computing
-    them apart searched the quantizer twice, a sixth of indexing time."""
+    """Add `vectors` under `ids`; returns `_centroid_distances` of them. A CPU IVF index of Flat, PQ or SQ codes gets
+    them from the one coarse search that assigns the lists: computing them apart searched the quantizer twice, a sixth
+    of indexing time."""
     ivf = faiss.downcast_index(index)
-    if not isinstance(ivf, faiss.IndexIVF) or isinstance(ivf, faiss.IndexIVFFastScan):
+    if type(ivf) not in (faiss.IndexIVFFlat, faiss.IndexIVFPQ, faiss.IndexIVFScalarQuantizer):  # others add their own way
         index.add_with_ids(vectors, ids)
         return _centroid_distances(index, vectors)
     vectors, ids = np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64)

@@ -108,7 +108,8 @@ def test_l2_reduction_ranks_by_inner_product():
     assert not torch.equal(plain_l2.sort(-1).values, exact[0, 0].sort(-1).values)  # the reduction matters
 
 
-def test_reduced_ivf_lists_score_by_inner_product_beyond_the_reduction_bound():
+@pytest.mark.parametrize("nprobe", [4, 9])  # every list; more lists than there are
+def test_reduced_ivf_lists_score_by_inner_product_beyond_the_reduction_bound(nprobe):
     # Keys added after training with norms above every training key's (R) get no room in the extra coordinate:
     # ranked by L2, their scores would come out lower by (|k|² - R²) / 2; ranked by inner product they are exact.
     # A search before they arrive makes sure later entries reach a search made once already.
@@ -116,7 +117,7 @@ def test_reduced_ivf_lists_score_by_inner_product_beyond_the_reduction_bound():
     first, later = torch.randn(1, 1, 200, 8), 2 * torch.randn(1, 1, 100, 8)
     queries = torch.randn(1, 1, 20, 8)
     memory = knnmem.Memory(layers=[0], num_heads=1, head_dim=8, dtype=torch.float32, index="IVF4,Flat", k=10,
-                           train_size=200, nprobe=4, keep_keys=False)
+                           train_size=200, nprobe=nprobe, keep_keys=False)
     memory.add(0, first, first, torch.ones(1, 200, dtype=torch.bool))
     memory.search(0, queries, slice(0, 1))
     memory.add(0, later, later, torch.ones(1, 100, dtype=torch.bool))
