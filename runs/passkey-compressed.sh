@@ -12,3 +12,6 @@ run IVF1024,PQ17 bfloat16 5 64k-keys-only
 run IVF1024,Flat bfloat16/pq4 5 64k-values-only
 .venv/bin/knnmem passkey --model model/tiny --lengths 64k --index IVF1024,Flat --codec int8 --exact-up-to 1 --trials 5 \
     --report benchmarks/results/passkey_compressed/64k-int8
+# The recommended configuration since entries are ranked by inner product, and its keys compressed alone.
+run IVF1024,PQ16x10 bfloat16/pq2 5 64k-pq16x10
+run IVF1024,PQ16x10 bfloat16 5 64k-pq16x10-keys-only
