@@ -34,6 +34,13 @@ def _python_sources(packages: bool):
             yield path.read_text(encoding="utf-8", errors="replace")
 
 
+def memory_config(text: str) -> tuple[str, str | None, bool]:
+    """"SPEC[@CODEC][-keys]" as (spec, codec or None, keep_keys): "@CODEC" stores entries with that codec, "-keys"
+    keeps no keys beside the index."""
+    spec, _, codec = text.removesuffix("-keys").partition("@")
+    return spec, codec or None, not text.endswith("-keys")
+
+
 def rss_bytes() -> int:
     """Resident memory of this process."""
     for line in Path("/proc/self/status").read_text().splitlines():

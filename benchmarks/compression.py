@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from common import SHIPPED_MODEL, stdlib_documents
+from common import SHIPPED_MODEL, memory_config, stdlib_documents
 
 import knnmem
 from knnmem.eval.compare import compare_memories
@@ -30,12 +30,6 @@ CONFIGS = [("IVF1024,Flat", ["float32", "int8"], True), ("IVF1024,Flat", ["bfloa
            ("IVF1024,PQ16x4fs", ["bfloat16/pq4"], False), ("IVF1024,PQ16", ["bfloat16/pq4"], False),
            ("IVF1024,PQ17", ["bfloat16/pq2", "bfloat16/pq4", "bfloat16/pq8"], False),
            ("IVF1024,PQ16x10", ["bfloat16/pq2"], False)]
-
-
-def parse_config(text: str) -> tuple[str, list[str], bool]:
-    """"IVF1024,PQ17@bfloat16/pq4-keys" as (index, [codec], keep_keys)."""
-    spec, _, codec = text.removesuffix("-keys").partition("@")
-    return spec, [codec or "float32"], not text.endswith("-keys")
 
 
 def markdown(rows: list[dict]) -> str:
@@ -77,7 +71,8 @@ def main() -> None:
                              "the first is the uncompressed reference")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    configs = CONFIGS if args.config is None else [parse_config(c) for c in args.config]
+    configs = CONFIGS if args.config is None else [
+        (spec, [codec or "float32"], keep_keys) for spec, codec, keep_keys in map(memory_config, args.config)]
     model, tokenizer = knnmem.load_pretrained(args.model, "cpu")
     docs = stdlib_documents(tokenizer, args.tokens + args.text_tokens + 4096)  # the document crossing --tokens is memory
     corpus, held_out, total = [], [], 0

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import SHIPPED_MODEL, rss_bytes, stdlib_documents
+from common import SHIPPED_MODEL, memory_config, rss_bytes, stdlib_documents
 
 import knnmem
 from knnmem.eval.quality import RetrievalProbe
@@ -88,14 +88,13 @@ def build(model, source: knnmem.Memory, spec: str, k: int) -> tuple[knnmem.Memor
     reduction (else none), "@CODEC" stores entries with that codec and "-keys" keeps no keys beside the index
     (recall is then judged by `source`'s keys)."""
     rss_before, start = rss_bytes(), time.perf_counter()
-    spec, dropped = spec.removesuffix("-keys"), spec.endswith("-keys")
-    spec, _, codec = spec.partition("@")
+    spec, codec, keep_keys = memory_config(spec)
     index, l2 = spec.removesuffix("+l2"), spec.endswith("+l2")
     options = {} if index == "dense" else dict(k=k) if index == "torch" else dict(k=k, l2_reduction=l2)
-    memory = knnmem.Memory.create(model, index=index, codec=codec or None, keep_keys=not dropped, **options)
+    memory = knnmem.Memory.create(model, index=index, codec=codec, keep_keys=keep_keys, **options)
     memory.extend(source)
     cost = dict(build_s=time.perf_counter() - start, rss_gb=(rss_bytes() - rss_before) / 2**30)
-    return memory, RetrievalProbe(memory, reference=source if dropped or codec else None), cost
+    return memory, RetrievalProbe(memory, reference=source if not keep_keys or codec else None), cost
 
 
 def markdown(rows: list[dict]) -> str:
