@@ -538,10 +538,13 @@ def _centroid_distances(index: faiss.Index, vectors: np.ndarray) -> np.ndarray |
     """How far each vector lies from its nearest IVF centroid (larger is farther); None if `index` is not a
     CPU IVF index."""
     ivf = faiss.try_extract_index_ivf(index)
-    if ivf is None:
-        return None
-    found = ivf.quantizer.search(np.ascontiguousarray(vectors), 1)[0][:, 0]
-    return -found if ivf.metric_type == faiss.METRIC_INNER_PRODUCT else found
+    return None if ivf is None else _nearest_lists(ivf, vectors)[0]
+
+
+def _nearest_lists(ivf: faiss.Index, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """How far each vector lies from its nearest centroid of `ivf` (larger is farther), and that list (n, 1)."""
+    found, lists = ivf.quantizer.search(np.ascontiguousarray(vectors), 1)
+    return (-found[:, 0] if ivf.metric_type == faiss.METRIC_INNER_PRODUCT else found[:, 0]), lists
 
 
 def _add_with_ids(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
@@ -553,9 +556,9 @@ def _add_with_ids(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> n
         index.add_with_ids(vectors, ids)
         return _centroid_distances(index, vectors)
     vectors, ids = np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64)
-    found, lists = ivf.quantizer.search(vectors, 1)
+    distances, lists = _nearest_lists(ivf, vectors)
     ivf.add_core(len(vectors), faiss.swig_ptr(vectors), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
-    return -found[:, 0] if ivf.metric_type == faiss.METRIC_INNER_PRODUCT else found[:, 0]
+    return distances
 
 
 def _inner_product_view(index: faiss.Index) -> tuple[faiss.Index, np.ndarray] | None:
