@@ -14,13 +14,24 @@ from serving import engine, running, server, store, tiny  # noqa: F401 (fixtures
 LONG_PROMPT = "def handler(request):\n    return request.body\n" * 20  # 361 tokens
 
 
-def gated(engine, monkeypatch, gate=None):
-    """Record what each `engine.run` returns, and make it wait on `gate` (a Barrier or an Event) first."""
+def gated(engine, monkeypatch, gate=None, after_first_token=None):
+    """Record what each `engine.run` returns, and make it wait on `gate` (a Barrier or an Event) first, and
+    on the Event `after_first_token` once its first text is out (so that a fast machine cannot finish a
+    generation before the test has left it)."""
     outcomes, original = [], Engine.run
 
     def run(self, job, **kwargs):
         if gate is not None:
             gate.wait(timeout=30)
+        if after_first_token is not None:
+            on_text = kwargs["on_text"]
+
+            def paused(text):
+                if on_text is not None:
+                    on_text(text)
+                after_first_token.wait(timeout=30)
+
+            kwargs["on_text"] = paused
         outcome = original(self, job, **kwargs)
         outcomes.append(outcome)
         return outcome
@@ -87,23 +98,28 @@ def test_a_full_queue_is_answered_429_at_once(engine, monkeypatch):
 
 
 def test_a_client_that_leaves_a_stream_cancels_its_generation(engine, monkeypatch):
-    outcomes = gated(engine, monkeypatch)
+    left = threading.Event()
+    outcomes = gated(engine, monkeypatch, after_first_token=left)
     body = {"model": "tiny+docs", "prompt": "import os", "max_tokens": 64, "stream": True}
     with running(engine) as server:
         with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as response:
             next(response.iter_lines())  # the first token arrived: leave
+        wait_for(lambda: server.metric("knnmem_cancelled_total") == 1)  # the server saw the client go
+        left.set()
         wait_for(lambda: outcomes)
         assert outcomes[0].generated.finish_reason == "cancelled" and len(outcomes[0].generated.tokens) < 64
-        wait_for(lambda: server.metric("knnmem_cancelled_total") == 1)
         wait_for(lambda: server.metric("knnmem_in_flight") == 0)
 
 
 def test_a_client_that_times_out_cancels_a_whole_answer(engine, monkeypatch):
-    outcomes = gated(engine, monkeypatch)
+    timed_out = threading.Event()
+    outcomes = gated(engine, monkeypatch, after_first_token=timed_out)
     body = {"model": "tiny+docs", "prompt": "import os", "max_tokens": 64}
     with running(engine) as server:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.3))
+        wait_for(lambda: server.metric("knnmem_cancelled_total") == 1)
+        timed_out.set()
         wait_for(lambda: outcomes)
         assert outcomes[0].generated.finish_reason == "cancelled"
         wait_for(lambda: server.metric("knnmem_requests_total", endpoint="completions", status="499") == 1)
