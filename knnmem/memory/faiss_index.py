@@ -40,12 +40,12 @@ _COUNT_PARAMS = ("nprobe", "efSearch", "max_codes", "k_factor", "k_factor_rf", "
 _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="knnmem-faiss")
 
 
-def new_index(spec: str, head_dim: int, l2_reduction: bool = False) -> faiss.Index:
+def new_index(spec: str, head_dim: int, l2_reduction: bool = False, width: int | None = None) -> faiss.Index:
     """An empty index for `spec` ranking by inner product; `ValueError` if Faiss cannot build it.
 
     With `l2_reduction`, the index is an L2 index over vectors with one extra coordinate (see
     `FaissBackend`), whose L2 ranking equals the inner-product ranking of the original vectors, laid out
-    as `reduced_layout` says.
+    as `reduced_layout` says (in `width` dimensions if given).
     """
     # Faiss accepts some specs it later aborts the process on (HNSW0 at the first add) or cannot search
     # (IVF0): every count in a spec must be positive. Ids are knnmem's: it wraps each index in its own id map.
@@ -54,7 +54,7 @@ def new_index(spec: str, head_dim: int, l2_reduction: bool = False) -> faiss.Ind
     if "IDMAP" in spec.upper():
         raise ValueError(f"invalid Faiss index spec {spec!r}: knnmem maps index ids to entries itself; drop IDMap")
     if l2_reduction:
-        index = faiss.index_factory(reduced_layout(spec, head_dim)[0], spec, faiss.METRIC_L2)
+        index = faiss.index_factory(reduced_layout(spec, head_dim, width)[0], spec, faiss.METRIC_L2)
     else:
         try:
             index = faiss.index_factory(head_dim, spec, faiss.METRIC_INNER_PRODUCT)
@@ -74,41 +74,71 @@ def new_index(spec: str, head_dim: int, l2_reduction: bool = False) -> faiss.Ind
     return index
 
 
-@lru_cache(maxsize=None)
-def reduced_layout(spec: str, head_dim: int) -> tuple[int, np.ndarray]:
-    """(dimension, positions) of the L2-reduced vectors (head_dim + 1 coordinates) in an index of `spec`.
+# Sub-vector widths for which Faiss finds a vector's nearest codebook centroid with SIMD code: measured on one
+# thread, 10-bit codes of 16 sub-quantizers take 6-13 µs a vector at widths 2, 4 and 8 against 130-200 µs at 1, 3,
+# 5, 6 and 12 (8-bit codes: 2-4 µs against 34-47). Encoding keys is most of what indexing into PQ memory costs.
+_FAST_SUBVECTOR_WIDTHS = (2, 4, 8)
 
-    Product quantizers need a dimension that is a multiple of their sub-quantizers: the reduced vectors are then
-    padded with zeros, spread so that every sub-vector holds about as many real coordinates (32 + 1 coordinates in
-    PQ16: fifteen sub-vectors of 2 and one of 3, not eleven of 3 and five of zeros). Zeros change no inner product
-    or L2 distance, and queries are laid out the same way.
+
+@lru_cache(maxsize=None)
+def reduced_widths(spec: str, head_dim: int) -> tuple[int, ...]:
+    """Dimensions an L2-reduced index of `spec` may have for keys of `head_dim`, the one new indexes get first.
+
+    The reduced vectors have head_dim + 1 coordinates; product quantizers need a multiple of their sub-quantizers,
+    and new indexes pad sub-vectors to a width Faiss encodes fast when one is within twice that (PQ16 of 33
+    coordinates: 64, sub-vectors of 4). Indexes written before this rule have the smallest multiple (48).
     """
     dim = head_dim + 1
-    for padded in range(dim, 2 * dim + 1):
+    for smallest in range(dim, 2 * dim + 1):
         try:
-            index = faiss.index_factory(padded, spec, faiss.METRIC_L2)
+            index = faiss.index_factory(smallest, spec, faiss.METRIC_L2)
             break
         except RuntimeError as error:
-            if padded == dim:
+            if smallest == dim:
                 first_line = str(error).strip().splitlines()[-1]
     else:
         raise ValueError(f"invalid Faiss index spec {spec!r} for dimension {dim} (head dimension + 1, for the L2 "
                          f"reduction): {first_line}")
+    pq = _product_quantizer(index)
+    if pq is None or smallest // pq.M in _FAST_SUBVECTOR_WIDTHS:
+        return (smallest,)
+    fast = [pq.M * width for width in _FAST_SUBVECTOR_WIDTHS if smallest <= pq.M * width <= 2 * dim]
+    return tuple(fast[:1]) + (smallest,)
+
+
+@lru_cache(maxsize=None)
+def reduced_layout(spec: str, head_dim: int, width: int | None = None) -> tuple[int, np.ndarray]:
+    """(dimension, positions) of the L2-reduced vectors (head_dim + 1 coordinates) in an index of `spec`, of
+    dimension `width` (default: what new indexes get; see `reduced_widths`).
+
+    Padding zeros are spread so that every sub-vector of a product quantizer holds about as many real coordinates
+    (32 + 1 coordinates in PQ16: fifteen sub-vectors of 2 and one of 3, not eleven of 3 and five of zeros). Zeros
+    change no inner product or L2 distance, and queries are laid out the same way.
+    """
+    widths, dim = reduced_widths(spec, head_dim), head_dim + 1
+    width = widths[0] if width is None else width
+    if width not in widths:
+        raise ValueError(f"an index of {spec!r} over {dim} coordinates (head dimension + 1) has dimension "
+                         f"{' or '.join(map(str, widths))}, not {width}")
+    if width == dim:
+        return width, np.arange(dim)
+    sub_quantizers = _product_quantizer(faiss.index_factory(width, spec, faiss.METRIC_L2)).M
+    step = width // sub_quantizers
+    counts = [dim // sub_quantizers + (j < dim % sub_quantizers) for j in range(sub_quantizers)]
+    return width, np.concatenate([j * step + np.arange(count) for j, count in enumerate(counts)])
+
+
+def _product_quantizer(index: faiss.Index):
+    """The product quantizer of `index` (directly or in its IVF index), or None."""
     ivf = faiss.try_extract_index_ivf(index)
-    pq = getattr(faiss.downcast_index(index if ivf is None else ivf), "pq", None)
-    if padded == dim or pq is None:
-        return padded, np.arange(dim)
-    width = padded // pq.M
-    counts = [dim // pq.M + (j < dim % pq.M) for j in range(pq.M)]
-    return padded, np.concatenate([j * width + np.arange(count) for j, count in enumerate(counts)])
+    return getattr(faiss.downcast_index(index if ivf is None else ivf), "pq", None)
 
 
 def centroids(index: faiss.Index, spec: str) -> int:
     """The most centroids training must place (IVF lists, PQ codebooks); 0 if `index` needs no training."""
     if index.is_trained:
         return 0
-    ivf = faiss.try_extract_index_ivf(index)
-    pq = getattr(faiss.downcast_index(index if ivf is None else ivf), "pq", None)
+    ivf, pq = faiss.try_extract_index_ivf(index), _product_quantizer(index)
     codebook = 2 ** pq.nbits if pq is not None else 256 if "PQ" in spec.upper() else 1  # PQ under a transform: 8 bits
     return max(ivf.nlist if ivf is not None else 1, codebook)
 
@@ -137,9 +167,9 @@ def probe_index(spec: str, head_dim: int, l2_reduction: bool | None = None) -> t
     return new_index(spec, head_dim), False
 
 
-def index_dimension(spec: str, head_dim: int, l2_reduction: bool) -> int:
-    """Dimension of the vectors an index of `spec` holds for keys of `head_dim`."""
-    return reduced_layout(spec, head_dim)[0] if l2_reduction else head_dim
+def index_dimensions(spec: str, head_dim: int, l2_reduction: bool) -> tuple[int, ...]:
+    """Dimensions of the vectors an index of `spec` may hold for keys of `head_dim`, that of new indexes first."""
+    return reduced_widths(spec, head_dim) if l2_reduction else (head_dim,)
 
 
 def _parallel(work: Callable, tasks) -> None:
@@ -210,7 +240,7 @@ class FaissBackend:
         self.entries, self.rerank = entries, rerank
         probe, l2_reduction = probe_index(spec, entries.head_dim, l2_reduction)
         self.spec, self.k, self.l2_reduction = spec, k, l2_reduction
-        self._index_dim = index_dimension(spec, entries.head_dim, l2_reduction)
+        self._index_dim = index_dimensions(spec, entries.head_dim, l2_reduction)[0]  # a loaded index's own, once read
         self.train_size = 39 * centroids(probe, spec) if train_size is None else train_size  # Faiss's advice
         ivf = faiss.try_extract_index_ivf(probe)
         if ivf is not None and self.train_size < ivf.nlist:
@@ -260,7 +290,8 @@ class FaissBackend:
     def _new_row(self, device: torch.device) -> list[faiss.Index]:
         row = []
         for _ in range(self.entries.num_heads):
-            inner = _on_device(new_index(self.spec, self.entries.head_dim, self.l2_reduction), device)
+            width = self._index_dim if self.l2_reduction else None  # a loaded store's rows and new ones alike
+            inner = _on_device(new_index(self.spec, self.entries.head_dim, self.l2_reduction, width), device)
             _apply_params(inner, self._search_params)
             row.append(_with_ids(inner))
         return row
@@ -330,7 +361,7 @@ class FaissBackend:
 
     def _laid_out(self, reduced: np.ndarray) -> np.ndarray:
         """Reduced vectors (..., D + 1) in the index's layout (see `reduced_layout`)."""
-        dim, positions = reduced_layout(self.spec, self.entries.head_dim)
+        dim, positions = reduced_layout(self.spec, self.entries.head_dim, self._index_dim)
         if dim == reduced.shape[-1]:
             return np.ascontiguousarray(reduced)
         out = np.zeros(reduced.shape[:-1] + (dim,), dtype=np.float32)
@@ -472,10 +503,11 @@ class FaissBackend:
         search: a store opens without reading them. Stores written before outliers were tracked track none.
         `source` (the files' common prefix) names them in errors."""
         self._source = source
-        self._pending = lambda: _unpack_state(*load(), self.entries.num_heads, self._index_dim)
+        self._pending = lambda: _unpack_state(*load(), self.entries.num_heads)
 
     def _adopt(self, rows, bounds, outliers, outlier_keys) -> None:
         device = self.entries.device
+        self._index_dim = rows[0][0].d  # stores written before `reduced_widths` preferred fast widths have their own
         self._rows = [[_on_device(index, device) for index in row] for row in rows]
         self._bounds = [list(b) for b in bounds]
         self._radii = [[head["radius"] for head in row] for row in outliers]
@@ -493,13 +525,18 @@ class FaissBackend:
         self._outlier_keys = [_clone_row(self._outlier_keys[i]) for i in rows.tolist()]
 
 
-def _unpack_state(indexes: dict, metadata: dict, heads: int, dim: int) -> tuple[list, list, list, list]:
+def _unpack_state(indexes: dict, metadata: dict, heads: int) -> tuple[list, list, list, list]:
     """`export_state`'s (indexes, metadata) of one row as [row][head] lists."""
     row = [indexes[f"head{h}.faiss"] for h in range(heads)]
+    dim = row[0].d
+    if any(index.d != dim for index in row):
+        raise ValueError(f"the indexes of one layer have dimensions {[index.d for index in row]}: one layout holds all")
     outliers = metadata.get("ivf_outliers") or [{"radius": None, "ids": []} for _ in range(heads)]
     outlier_keys = []
     for h, head in enumerate(outliers):
         keys = indexes.get(f"head{h}.outliers.faiss")
+        if keys is not None and keys.d != dim:
+            raise ValueError(f"the outlier keys of head {h} have {keys.d} dimensions, its index {dim}")
         if keys is not None and keys.ntotal != len(head["ids"]):
             raise ValueError(f"the outlier keys of head {h} hold {keys.ntotal} entries, its outlier list {len(head['ids'])}")
         outlier_keys.append(faiss.IndexFlatIP(dim) if keys is None else keys)

@@ -14,7 +14,7 @@ import faiss
 import numpy as np
 import torch
 
-from ..memory.faiss_index import holds_ids, index_dimension
+from ..memory.faiss_index import holds_ids, index_dimensions
 from ..memory.manager import Document, Memory
 from ..memory.sharded import LocalShards, ShardedMemory
 from . import format as fmt
@@ -196,11 +196,11 @@ def _open_memory(path: Path, manifest: dict, handles: dict, config, device: torc
             opened = {own: fmt.DeferredIndex(data / name, handles[name]) for own, name in names.items()}
             metadata = {"l2_bounds": manifest["l2_bounds"][str(layer)],
                         "ivf_outliers": manifest["ivf_outliers"][str(layer)]}
-            width = index_dimension(manifest["index"], dim, manifest["options"]["l2_reduction"])
+            widths = index_dimensions(manifest["index"], dim, manifest["options"]["l2_reduction"])
             # Read on first search; memory-mapped unless the store is opened for writing.
             memory.backend(layer).import_state(
-                lambda opened=opened, metadata=metadata, width=width:
-                ({own: _checked_index(f, mmap=not writable, dim=width, entries=size) if own.endswith(".faiss")
+                lambda opened=opened, metadata=metadata, widths=widths:
+                ({own: _checked_index(f, mmap=not writable, dims=widths, entries=size) if own.endswith(".faiss")
                   and not own.endswith("outliers.faiss") else f.read(mmap=not writable) for own, f in opened.items()},
                  metadata), source=str(data / f"layer{layer}"))
             for f in opened.values():
@@ -255,16 +255,16 @@ def _check_codes(file: Path, size: int, shape: tuple, codec) -> None:
             "the codec or codebook the manifest names")
 
 
-def _checked_index(index_file: fmt.DeferredIndex, *, mmap: bool, dim: int, entries: int) -> faiss.Index:
+def _checked_index(index_file: fmt.DeferredIndex, *, mmap: bool, dims: tuple[int, ...], entries: int) -> faiss.Index:
     """The index in `index_file`, after checking that it is what the store wrote: an IVF index or an id-mapped one,
-    over vectors of `dim` dimensions, whose ids are entries of the store (they index the value arrays). The ids in
+    over vectors of one of `dims` dimensions, whose ids are entries of the store (they index the value arrays). The ids in
     IVF lists are checked as searches return them (`FaissBackend`): reading them all here would read every list."""
     index = index_file.read(mmap=mmap)
     problem = None
     if not isinstance(index, faiss.IndexIDMap2) and not holds_ids(index):
         problem = f"a {type(index).__name__}, not an IVF or id-mapped index as the store writes"
-    elif index.d != dim:
-        problem = f"indexes vectors of {index.d} dimensions, the store's keys need {dim}"
+    elif index.d not in dims:
+        problem = f"indexes vectors of {index.d} dimensions, the store's keys need {' or '.join(map(str, dims))}"
     elif index.ntotal > entries:
         problem = f"holds {index.ntotal} vectors for {entries} entries"
     elif isinstance(index, faiss.IndexIDMap2):

@@ -200,7 +200,7 @@ def test_hnsw_searches_at_least_k_candidates_unless_told(make_model, ids, option
 @pytest.mark.parametrize(
     "spec, options, l2, dim, nprobe",
     [("IVF64,Flat", {}, True, 17, 2), ("IVF64,Flat", dict(l2_reduction=False, nprobe=5), False, 16, 5),
-     ("IVF64,PQ4x4", {}, True, 20, 2), ("HNSW8", {}, False, 16, None)],
+     ("IVF64,PQ4x4", {}, True, 32, 2), ("HNSW8", {}, False, 16, None)],
 )
 def test_ivf_defaults_probe_a_32nd_of_the_lists_and_reduce_to_l2(spec, options, l2, dim, nprobe):
     memory = knnmem.Memory(layers=[0], num_heads=2, head_dim=16, dtype=torch.float32, index=spec, k=8,
@@ -209,7 +209,7 @@ def test_ivf_defaults_probe_a_32nd_of_the_lists_and_reduce_to_l2(spec, options, 
     memory.add(0, keys, keys, torch.ones(1, 400, dtype=torch.bool))
     indexes = [inner_index(index) for row in memory.backend(0)._rows for index in row]
     assert len(indexes) == 2 and all(index.is_trained and index.ntotal == 400 for index in indexes)
-    assert {index.d for index in indexes} == {dim}  # PQ4 of 16 + 1 coordinates: padded to 20
+    assert {index.d for index in indexes} == {dim}  # PQ4 of 16 + 1 coordinates: sub-vectors of 8
     mapped = {isinstance(faiss.downcast_index(index), faiss.IndexIDMap2) for index in memory.backend(0)._rows[0]}
     assert mapped == {nprobe is None}  # IVF lists hold the entry ids themselves, other indexes have an id map
     if nprobe is not None:
@@ -217,11 +217,18 @@ def test_ivf_defaults_probe_a_32nd_of_the_lists_and_reduce_to_l2(spec, options, 
     assert memory.options()["l2_reduction"] is l2 and memory.empty_like().options()["l2_reduction"] is l2
 
 
-def test_the_l2_reduction_spreads_padding_over_product_quantizers():
-    dim, positions = reduced_layout("IVF8,PQ16", 32)  # 33 coordinates in 16 sub-vectors of 3
-    assert dim == 48 and len(positions) == 33 and len(set(positions.tolist())) == 33
-    assert sorted(np.bincount(positions // 3, minlength=16).tolist()) == [2] * 15 + [3]
-    assert reduced_layout("IVF8,PQ11", 32)[0] == 33 and reduced_layout("IVF8,Flat", 32)[0] == 33
+def test_the_l2_reduction_spreads_padding_over_product_quantizers_of_fast_widths():
+    dim, positions = reduced_layout("IVF8,PQ16", 32)  # 33 coordinates in 16 sub-vectors of 4, which Faiss encodes fast
+    assert dim == 64 and len(positions) == 33 and len(set(positions.tolist())) == 33
+    assert sorted(np.bincount(positions // 4, minlength=16).tolist()) == [2] * 15 + [3]
+    dim, positions = reduced_layout("IVF8,PQ16", 32, 48)  # as indexes written before fast widths have it
+    assert dim == 48 and sorted(np.bincount(positions // 3, minlength=16).tolist()) == [2] * 15 + [3]
+    with pytest.raises(ValueError, match="dimension 64 or 48, not 40"):
+        reduced_layout("IVF8,PQ16", 32, 40)
+    assert reduced_layout("IVF8,PQ11", 32)[0] == 44  # 33 = 11 x 3: sub-vectors of 4 instead
+    assert reduced_layout("IVF8,PQ17", 32)[0] == 34 and reduced_layout("IVF8,Flat", 32)[0] == 33
+    assert reduced_layout("IVF8,PQ5", 32)[0] == 40  # 35 = 5 x 7: sub-vectors of 8
+    assert reduced_layout("IVF8,PQ3", 32)[0] == 33  # sub-vectors of 11: none of 2, 4 or 8 holds them
     with pytest.raises(ValueError, match="IVF8,PQ1000"):
         reduced_layout("IVF8,PQ1000", 32)
 

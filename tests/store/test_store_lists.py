@@ -75,6 +75,30 @@ def test_a_store_of_id_mapped_ivf_indexes_opens_unchanged(model, tmp_path, monke
         assert loaded.provenance.dtype == torch.int64 and torch.equal(loaded.provenance, old.provenance)
 
 
+def test_a_store_of_product_quantizers_at_the_smallest_width_opens_unchanged(model, tmp_path, monkeypatch):
+    # Stores written before sub-vectors were padded to widths Faiss encodes fast hold indexes of the smallest
+    # dimension PQ accepts: 8 + 1 coordinates in 3 sub-vectors of 3 (new ones: of 4, 12 dimensions).
+    def widths(fast):
+        monkeypatch.setattr(faiss_index, "_FAST_SUBVECTOR_WIDTHS", fast)
+        faiss_index.reduced_widths.cache_clear()
+        faiss_index.reduced_layout.cache_clear()
+
+    widths(())
+    old = filled(model, "IVF4,PQ3", keep_keys=False)
+    widths((2, 4, 8))
+    assert {index.d for index in heads(old, 1)} == {9} and faiss_index.reduced_widths("IVF4,PQ3", 8) == (12, 9)
+    old.save(tmp_path / "store")
+    query = torch.randint(1, 96, (1, 12))
+    expected = read(model, old, query)
+    with knnmem.Memory.load(tmp_path / "store", model=model) as loaded:
+        assert torch.equal(read(model, loaded, query), expected)
+    with knnmem.Memory.load(tmp_path / "store", model=model, writable=True) as writable:  # and take more entries
+        knnmem.encode_documents(model, documents()[:1], writable, progress=False)
+        assert {index.d for index in heads(writable, 1)} == {9} and len(writable) > len(old)
+        read(model, writable, query)
+    assert {index.d for index in heads(filled(model, "IVF4,PQ3", keep_keys=False), 1)} == {12}
+
+
 def test_a_memory_opened_read_only_saves_its_mapped_lists_whole(model, tmp_path):
     memory = filled(model)
     query = torch.randint(1, 96, (1, 12))
