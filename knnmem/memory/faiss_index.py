@@ -574,8 +574,13 @@ def _on_device(index: faiss.Index, device: torch.device) -> faiss.Index:
 def _centroid_distances(index: faiss.Index, vectors: np.ndarray) -> np.ndarray | None:
     """How far each vector lies from its nearest IVF centroid (larger is farther); None if `index` is not a
     CPU IVF index."""
-    ivf = faiss.try_extract_index_ivf(index)
-    return None if ivf is None else _nearest_lists(ivf, vectors)[0]
+    ivf, outer = faiss.try_extract_index_ivf(index), faiss.downcast_index(index)
+    if ivf is None:
+        return None
+    if isinstance(outer, faiss.IndexPreTransform):  # the lists hold vectors as its transforms (PCA, OPQ) leave them
+        for step in range(outer.chain.size()):
+            vectors = outer.chain.at(step).apply(vectors)
+    return _nearest_lists(ivf, vectors)[0]
 
 
 def _nearest_lists(ivf: faiss.Index, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -308,6 +308,20 @@ def test_entries_unlike_the_training_sample_are_searched_exactly_and_persisted()
         memory.add(0, more, more, torch.ones(1, 1000, dtype=torch.bool))
 
 
+def test_entries_under_a_pre_transform_are_checked_for_outliers_as_its_lists_see_them():
+    torch.manual_seed(0)
+    keys = torch.randn(1, 1, 300, 8)
+    far = 20 * torch.randn(1, 1, 5, 8)
+    memory = knnmem.Memory(layers=[0], num_heads=1, head_dim=8, dtype=torch.float32, index="PCA8,IVF4,Flat", k=5,
+                           train_size=200, nprobe=4)  # 8 + 1 reduced coordinates, projected to 8 for the lists
+    for part in (keys[:, :, :200], keys[:, :, 200:], far):
+        memory.add(0, part, part, torch.ones(1, part.shape[2], dtype=torch.bool))
+    tracked = set(memory.backend(0)._outliers[0][0].tolist())
+    assert set(range(300, 305)) <= tracked and len(tracked) < 20  # the far ones, few of the others
+    query = far[:, :, :1] / 20
+    assert memory.search(0, query, slice(0, 1)).ids[0, 0, 0, 0].item() in range(300, 305)
+
+
 def test_without_stored_keys_outliers_are_found_from_their_own_flat_index():
     torch.manual_seed(0)
     cluster = (torch.eye(8)[:4].repeat(10, 1) + 0.01 * torch.randn(40, 8))[None, None]  # (1, 1, 40, 8)
