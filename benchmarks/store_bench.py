@@ -99,14 +99,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads when opened")
     parser.add_argument("--work", type=Path, default=None, help="directory for the stores (default: a new temporary one)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--reopen", type=Path, nargs="+", default=None, metavar="STORE",
+                        help="only open these stores again, each in a fresh process, and print what opening them costs")
     args = parser.parse_args()
+    if args.reopen:
+        _, tokenizer = knnmem.load_pretrained(args.model, "cpu")
+        query = tokenizer(stdlib_texts("heldout")[0][1])["input_ids"][:512]
+        for store in args.reopen:
+            print(json.dumps(dict(store=str(store), **opened(args.model, store, query, args.decode, args.threads))))
+        return
+    model, tokenizer = knnmem.load_pretrained(args.model, "cpu")
+    query = tokenizer(stdlib_texts("heldout")[0][1])["input_ids"][:512]  # text of none of the stores
+    if args.reopen:
+        for store in args.reopen:
+            print(json.dumps(dict(store=str(store), **opened(args.model, store, query, args.decode, args.threads))))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="knnmem-bench-"))
-    model, tokenizer = knnmem.load_pretrained(args.model, "cpu")
     plain, _ = knnmem.load_pretrained(args.model, "cpu", mem_layers=[])  # same weights, no memory layers
     sizes = sorted(args.sizes)
     docs = stdlib_documents(tokenizer, sizes[-1], packages=True)
-    query = tokenizer(stdlib_texts("heldout")[0][1])["input_ids"][:512]  # text of none of the stores
     plain_tok_s = throughput(plain, stdlib_documents(tokenizer, args.forward_tokens))
 
     memory = knnmem.Memory.create(model, index=args.index, k=128, codec=args.codec, keep_keys=args.keep_keys)

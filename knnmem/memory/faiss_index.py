@@ -74,9 +74,10 @@ def new_index(spec: str, head_dim: int, l2_reduction: bool = False, width: int |
     return index
 
 
-# Sub-vector widths for which Faiss finds a vector's nearest codebook centroid with SIMD code: measured on one
-# thread, 10-bit codes of 16 sub-quantizers take 6-13 µs a vector at widths 2, 4 and 8 against 130-200 µs at 1, 3,
-# 5, 6 and 12 (8-bit codes: 2-4 µs against 34-47). Encoding keys is most of what indexing into PQ memory costs.
+# Sub-vector widths for which Faiss finds a vector's nearest codebook centroid with vectorised code: on one thread,
+# 10-bit codes of 16 sub-quantizers take 4-12 µs a vector at widths 2, 4 and 8 against 106-123 µs at 1, 3, 5, 6
+# and 12 (8-bit codes: 1-4 µs against 28-34; `benchmarks/pq_encoding.py`). Encoding keys is most of what indexing
+# into PQ memory costs.
 _FAST_SUBVECTOR_WIDTHS = (2, 4, 8)
 
 
