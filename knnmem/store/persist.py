@@ -257,8 +257,9 @@ def _check_codes(file: Path, size: int, shape: tuple, codec) -> None:
 
 def _checked_index(index_file: fmt.DeferredIndex, *, mmap: bool, dims: tuple[int, ...], entries: int) -> faiss.Index:
     """The index in `index_file`, after checking that it is what the store wrote: an IVF index or an id-mapped one,
-    over vectors of one of `dims` dimensions, whose ids are entries of the store (they index the value arrays). The ids in
-    IVF lists are checked as searches return them (`FaissBackend`): reading them all here would read every list."""
+    over vectors of one of `dims` dimensions, whose ids are entries of the store (they index the value arrays). The
+    ids in IVF lists are checked as searches return them (`FaissBackend`): reading them all here would read every
+    list."""
     index = index_file.read(mmap=mmap)
     problem = None
     if not isinstance(index, faiss.IndexIDMap2) and not holds_ids(index):
