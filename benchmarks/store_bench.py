@@ -102,12 +102,6 @@ def main() -> None:
     parser.add_argument("--reopen", type=Path, nargs="+", default=None, metavar="STORE",
                         help="only open these stores again, each in a fresh process, and print what opening them costs")
     args = parser.parse_args()
-    if args.reopen:
-        _, tokenizer = knnmem.load_pretrained(args.model, "cpu")
-        query = tokenizer(stdlib_texts("heldout")[0][1])["input_ids"][:512]
-        for store in args.reopen:
-            print(json.dumps(dict(store=str(store), **opened(args.model, store, query, args.decode, args.threads))))
-        return
     model, tokenizer = knnmem.load_pretrained(args.model, "cpu")
     query = tokenizer(stdlib_texts("heldout")[0][1])["input_ids"][:512]  # text of none of the stores
     if args.reopen:

@@ -289,9 +289,8 @@ class FaissBackend:
         self.reset()  # drops the indexes and with them any memory-mapped index file
 
     def _new_row(self, device: torch.device) -> list[faiss.Index]:
-        row = []
+        row, width = [], self._index_dim if self.l2_reduction else None  # a loaded store's rows and new ones alike
         for _ in range(self.entries.num_heads):
-            width = self._index_dim if self.l2_reduction else None  # a loaded store's rows and new ones alike
             inner = _on_device(new_index(self.spec, self.entries.head_dim, self.l2_reduction, width), device)
             _apply_params(inner, self._search_params)
             row.append(_with_ids(inner))
