@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=parse_token_list, default=parse_token_list("1M"), help="corpus sizes in tokens")
     parser.add_argument("--index", default=knnmem.memory.DEFAULT_INDEX, help="index spec of the large stores")
     parser.add_argument("--codec", default=None, help="codec of the large stores")
+    parser.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default: knnmem's, nlist/32)")
     parser.add_argument("--keep-keys", type=_parse_bool, default=True, help="the large stores keep full keys")
     parser.add_argument("--forward-tokens", type=int, default=1 << 18, help="tokens of the plain forward timing")
     parser.add_argument("--disk-tokens", type=int, default=1 << 16, help="corpus size for bytes on disk per spec")
@@ -115,8 +116,10 @@ def main() -> None:
     docs = stdlib_documents(tokenizer, sizes[-1], packages=True)
     plain_tok_s = throughput(plain, stdlib_documents(tokenizer, args.forward_tokens))
 
-    memory = knnmem.Memory.create(model, index=args.index, k=128, codec=args.codec, keep_keys=args.keep_keys)
-    config = f"{args.index}" + (f" {args.codec}" if args.codec else "") + ("" if args.keep_keys else " no keys")
+    probes = {} if args.nprobe is None else {"nprobe": args.nprobe}
+    memory = knnmem.Memory.create(model, index=args.index, k=128, codec=args.codec, keep_keys=args.keep_keys, **probes)
+    config = (f"{args.index}" + (f" nprobe={args.nprobe}" if probes else "") + (f" {args.codec}" if args.codec else "")
+              + ("" if args.keep_keys else " no keys"))
     rows, done, encode_s = [], 0, 0.0
     for size in sizes:
         chunk, total = [], len(memory)

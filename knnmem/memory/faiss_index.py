@@ -67,11 +67,26 @@ def new_index(spec: str, head_dim: int, l2_reduction: bool = False, width: int |
         # Searches here never filter by Hamming distance, which is what ordering PQ codes (polysemous training)
         # is for; it made training an IVF1024,PQ17 index on 40k keys take minutes instead of seconds.
         codes.do_polysemous_training = False
+    l2_tables(index)  # before training, which would build them
     if isinstance(codes, faiss.IndexIVFPQ):
         # Faiss's k-means is slow on sub-vectors of 2-3 dimensions (49 s for PQ17 on 40k vectors, one thread);
         # 64 points per centroid and 10 iterations place 256 centroids in so few dimensions well, in 8 s.
         codes.pq.cp.max_points_per_centroid, codes.pq.cp.niter = 64, 10
     return index
+
+
+def l2_tables(index: faiss.Index) -> None:
+    """Give an L2 IVF-PQ index the table Faiss precomputes for its searches only if they read it: nlist × M ×
+    2^nbits floats, 512 MiB a head for IVF8192,PQ16x10 (64 MiB for IVF1024). Lists knnmem ranks through
+    `_inner_product_view` (IVF-PQ under the L2 reduction, not under a transform) never read it; stores are read
+    without it, so others get theirs here."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None or type(ivf := faiss.downcast_index(ivf)) is not faiss.IndexIVFPQ or ivf.metric_type != faiss.METRIC_L2:
+        return
+    if type(faiss.downcast_index(index)) is faiss.IndexIVFPQ:
+        ivf.use_precomputed_table = -1  # none, now or when trained
+    if ivf.is_trained:
+        ivf.precompute_table()  # builds one (when Faiss's size rule allows) or, at -1, frees it
 
 
 # Sub-vector widths for which Faiss finds a vector's nearest codebook centroid with vectorised code: on one thread,
@@ -508,6 +523,8 @@ class FaissBackend:
     def _adopt(self, rows, bounds, outliers, outlier_keys) -> None:
         device = self.entries.device
         self._index_dim = rows[0][0].d  # stores written before `reduced_widths` preferred fast widths have their own
+        for index in (index for row in rows for index in row):
+            l2_tables(inner_index(index))
         self._rows = [[_on_device(index, device) for index in row] for row in rows]
         self._bounds = [list(b) for b in bounds]
         self._radii = [[head["radius"] for head in row] for row in outliers]
@@ -674,7 +691,7 @@ def _to_cpu(index: faiss.Index) -> faiss.Index:
         owned, ivf.own_invlists = ivf.own_invlists, False  # else replacing the mapped lists would free them
         ivf.replace_invlists(array, False)  # serialized with the entries, then given its mapped lists back
         try:
-            return faiss.deserialize_index(faiss.serialize_index(index))
+            return faiss.deserialize_index(faiss.serialize_index(index), faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE)  # to write
         finally:
             ivf.replace_invlists(lists, owned)
     if "Gpu" in type(inner_index(index)).__name__:

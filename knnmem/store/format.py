@@ -370,9 +370,9 @@ class DeferredIndex:
         if self._handle.closed:
             raise StoreError(f"{self.file}: already read or closed")
         by_handle = Path(f"/proc/self/fd/{self._handle.fileno()}")
-        flags = 0
+        flags = faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE  # built, if its index wants one, by `FaissBackend` (l2_tables)
         if mmap:  # IVF lists ("Iw..." files) and flat codes are mapped under different flags; together they fail
-            flags = faiss.IO_FLAG_MMAP if os.pread(self._handle.fileno(), 2, 0) == b"Iw" else faiss.IO_FLAG_MMAP_IFC
+            flags |= faiss.IO_FLAG_MMAP if os.pread(self._handle.fileno(), 2, 0) == b"Iw" else faiss.IO_FLAG_MMAP_IFC
         try:
             index = faiss.read_index(str(by_handle if by_handle.exists() else self.file), flags)
             lists = mapped_lists(index)

@@ -163,3 +163,21 @@ def test_ids_in_ivf_lists_outside_the_store_are_refused_when_searched(model, tmp
     with knnmem.Memory.load(tmp_path / "store", model=model) as loaded:
         with pytest.raises(ValueError, match=r"layer1.head1.faiss: returned entry id \d+, outside the 830 entries"):
             read(model, loaded, torch.randint(1, 96, (1, 12)))
+
+
+@pytest.mark.parametrize("spec,table", [("IVF4,PQ3", False), ("PCA8,IVF4,PQ4", True)])
+def test_l2_tables_only_where_searches_read_them(model, tmp_path, spec, table):
+    # Faiss precomputes, for L2 searches of IVF-PQ lists, nlist x M x 2^nbits floats (2 GiB for 4 heads of
+    # IVF8192,PQ16x10). Lists ranked by inner product (`_inner_product_view`) never read it; under a transform
+    # they are searched by L2 and get theirs back after a load, which reads stores without it.
+    def tables(memory):
+        return {faiss.downcast_index(faiss.extract_index_ivf(index)).precomputed_table.size() > 0
+                for index in heads(memory, 1)}
+
+    memory = filled(model, spec, keep_keys=False)
+    assert tables(memory) == {table}
+    query = torch.randint(1, 96, (1, 12))
+    expected = read(model, memory, query)
+    memory.save(tmp_path / "store")
+    with knnmem.Memory.load(tmp_path / "store", model=model) as loaded:
+        assert torch.equal(read(model, loaded, query), expected) and tables(loaded) == {table}
