@@ -34,6 +34,11 @@ from .protocol import MemoryHits
 # of a row's entries in one head: the lists then describe the memory poorly and each query pays for it.
 OUTLIER_WARNING_SHARE, OUTLIER_WARNING_MIN = 0.1, 1000
 
+# Without stored keys, entries whose PQ codes miss most of them are kept exactly beside the lists too: the share of
+# training entries that the codes reconstruct worst sets the bound. Codes trained on repeated filler reconstruct a
+# pass key's digits among the worst few hundred of 65k entries, and scored from codes the key is missed.
+RECONSTRUCTION_SHARE = 0.002
+
 # Search parameters that count candidates (lists probed, graph neighbours kept, reranked results).
 _COUNT_PARAMS = ("nprobe", "efSearch", "max_codes", "k_factor", "k_factor_rf", "efConstruction")
 
@@ -265,7 +270,8 @@ class FaissBackend:
         self._loaded_rows: list[list[faiss.Index]] = []  # [row][head], holding entry ids (see `_with_ids`)
         self._bounds: list[list[float | None]] = []  # [row][head]: R of the L2 reduction
         self._radii: list[list[float | None]] = []  # [row][head]: farthest training entry from its IVF centroid
-        self._outliers: list[list[np.ndarray]] = []  # [row][head]: ids of later entries beyond that radius
+        self._errors: list[list[float | None]] = []  # [row][head]: reconstruction error bound (RECONSTRUCTION_SHARE)
+        self._outliers: list[list[np.ndarray]] = []  # [row][head]: ids of entries beyond the radius or that bound
         self._outlier_keys: list[list[faiss.Index]] = []  # [row][head]: their keys as indexed, without keep_keys
         self._pending: Callable[[], tuple] | None = None
         self._source: str | None = None  # where imported indexes came from
@@ -297,7 +303,7 @@ class FaissBackend:
         return total
 
     def reset(self) -> None:
-        self._rows, self._bounds, self._radii, self._outliers, self._outlier_keys = [], [], [], [], []
+        self._rows, self._bounds, self._radii, self._errors, self._outliers, self._outlier_keys = [], [], [], [], [], []
         self._pending = None
 
     def close(self) -> None:
@@ -332,6 +338,7 @@ class FaissBackend:
             self._rows.append(self._new_row(self.entries.device))
             self._bounds.append([None] * heads)
             self._radii.append([None] * heads)
+            self._errors.append([None] * heads)
             self._outliers.append([np.zeros(0, dtype=np.int64) for _ in range(heads)])
             self._outlier_keys.append([faiss.IndexFlatIP(self._index_dim) for _ in range(heads)])
         keys = self.entries.keys_of(ids).detach().float().cpu()  # (B, H, T, D) as stored
@@ -359,8 +366,12 @@ class FaissBackend:
             index, vectors = self._rows[b][h], stored[h, sel].numpy()
             reduced = self._index_vectors(b, h, vectors)
             index.train(reduced)
-            distances = self._insert(b, h, vectors, row_ids)  # no radius yet: the training entries are not compared
+            distances, errors = self._insert(b, h, vectors, row_ids)  # no bounds yet: nothing is compared
             self._radii[b][h] = None if distances is None else float(distances.max(initial=0.0))
+            if errors is not None and not self.entries.keep_keys:  # stored keys would rescore them anyway
+                self._errors[b][h] = float(np.quantile(errors, 1 - RECONSTRUCTION_SHARE))
+                worst = errors > self._errors[b][h]
+                self._track(b, h, row_ids[worst], reduced[worst])
 
         _parallel(train, range(len(self._rows[b])))
 
@@ -383,27 +394,37 @@ class FaissBackend:
         out[..., positions] = reduced
         return out
 
-    def _insert(self, b: int, h: int, keys: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
-        """Add keys under ids, tracking outliers once the index has a radius; their `_centroid_distances`."""
+    def _insert(self, b: int, h: int, keys: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Add keys under ids, tracking outliers once the index has bounds; their `_add_with_ids` distances and
+        errors."""
         if not len(ids):
-            return None
+            return None, None
         reduced = self._index_vectors(b, h, keys)
-        distances = _add_with_ids(self._rows[b][h], reduced, ids)
+        distances, errors = _add_with_ids(self._rows[b][h], reduced, ids)
+        beyond = np.zeros(len(ids), dtype=bool)
         if self._radii[b][h] is not None and distances is not None:
-            beyond = distances > self._radii[b][h]
-            self._outliers[b][h] = np.concatenate([self._outliers[b][h], ids[beyond]])
-            if not self.entries.keep_keys:
-                self._outlier_keys[b][h].add(np.ascontiguousarray(reduced[beyond]))
-            tracked, total = len(self._outliers[b][h]), self._rows[b][h].ntotal
-            if tracked > max(OUTLIER_WARNING_SHARE * total, OUTLIER_WARNING_MIN) and not self._warned_outliers:
-                self._warned_outliers = True
-                warnings.warn(
-                    f"{tracked:,} of {total:,} entries in a row of this {self.spec} memory lie farther from its "
-                    f"lists than any of the {self.train_size:,} entries they were trained on: every query scores "
-                    "them exactly, so searches slow down as they grow. What followed the training entries "
-                    "differs from them (another kind of text?): begin the memory with representative text, or "
-                    "raise train_size.")
-        return distances
+            beyond |= distances > self._radii[b][h]
+        if self._errors[b][h] is not None and errors is not None:
+            beyond |= errors > self._errors[b][h]
+        self._track(b, h, ids[beyond], reduced[beyond])
+        tracked, total = len(self._outliers[b][h]), self._rows[b][h].ntotal
+        if tracked > max(OUTLIER_WARNING_SHARE * total, OUTLIER_WARNING_MIN) and not self._warned_outliers:
+            self._warned_outliers = True
+            warnings.warn(
+                f"{tracked:,} of {total:,} entries in a row of this {self.spec} memory lie farther from its "
+                f"lists, or are reconstructed worse by its codes, than all but a few of the {self.train_size:,} "
+                "entries they were trained on: every query scores them exactly, so searches slow down as they "
+                "grow. What followed the training entries differs from them (another kind of text?): begin the "
+                "memory with representative text, or raise train_size.")
+        return distances, errors
+
+    def _track(self, b: int, h: int, ids: np.ndarray, reduced: np.ndarray) -> None:
+        """Search entries `ids` (vectors `reduced` as indexed) exactly beside the lists; their keys too, if not stored."""
+        if not len(ids):
+            return
+        self._outliers[b][h] = np.concatenate([self._outliers[b][h], ids])
+        if not self.entries.keep_keys:
+            self._outlier_keys[b][h].add(np.ascontiguousarray(reduced))
 
     def search(self, queries: torch.Tensor, heads: slice) -> MemoryHits:
         batch, num_heads, num_queries, _ = queries.shape
@@ -463,7 +484,7 @@ class FaissBackend:
             values, valid = self.entries.take(ids, heads)
             scores = scores.to(queries.device)
         if width > k:
-            # Outliers may repeat an id the lists returned: keep each id's first occurrence only.
+            # Outliers may repeat an id the lists returned: keep their copy, scored exactly without stored keys.
             repeated = _repeats(ids, listed)
             scores = scores.masked_fill(~valid | repeated, float("-inf"))
             scores, order = scores.topk(k, dim=-1)
@@ -501,7 +522,8 @@ class FaissBackend:
 
     def export_state(self) -> tuple[dict, dict]:
         """Per head: a CPU copy of its index (named `head<h>.faiss`), and the L2-reduction bound and
-        IVF outliers ({"radius": training radius or None, "ids": ids searched exactly}) as metadata.
+        IVF outliers ({"radius": training radius or None, "error_bound": reconstruction error bound or None,
+        "ids": ids searched exactly}) as metadata.
         A store holds one row."""
         if not len(self.entries) or not self._rows:
             return {}, {}
@@ -510,12 +532,14 @@ class FaissBackend:
         indexes = {f"head{h}.faiss": _to_cpu(index) for h, index in enumerate(self._rows[0])}
         if not self.entries.keep_keys:
             indexes.update({f"head{h}.outliers.faiss": index for h, index in enumerate(self._outlier_keys[0])})
-        outliers = [{"radius": radius, "ids": ids.tolist()} for radius, ids in zip(self._radii[0], self._outliers[0])]
+        outliers = [{"radius": radius, "error_bound": bound, "ids": ids.tolist()}
+                    for radius, bound, ids in zip(self._radii[0], self._errors[0], self._outliers[0])]
         return indexes, {"l2_bounds": list(self._bounds[0]), "ivf_outliers": outliers}
 
     def import_state(self, load: Callable[[], tuple[dict, dict]], source: str | None = None) -> None:
         """Adopt indexes built over the entries of the entry store (one row), as `load()` returns them on first
-        search: a store opens without reading them. Stores written before outliers were tracked track none.
+        search: a store opens without reading them. Stores written before outliers were tracked track none; before
+        reconstruction errors were, none by error.
         `source` (the files' common prefix) names them in errors."""
         self._source = source
         self._pending = lambda: _unpack_state(*load(), self.entries.num_heads)
@@ -528,6 +552,7 @@ class FaissBackend:
         self._rows = [[_on_device(index, device) for index in row] for row in rows]
         self._bounds = [list(b) for b in bounds]
         self._radii = [[head["radius"] for head in row] for row in outliers]
+        self._errors = [[head.get("error_bound") for head in row] for row in outliers]
         self._outliers = [[np.asarray(head["ids"], dtype=np.int64) for head in row] for row in outliers]
         self._outlier_keys = outlier_keys
         for row in self._rows:
@@ -538,6 +563,7 @@ class FaissBackend:
         self._rows = [_clone_row(self._rows[i]) for i in rows.tolist()]
         self._bounds = [list(self._bounds[i]) for i in rows.tolist()]
         self._radii = [list(self._radii[i]) for i in rows.tolist()]
+        self._errors = [list(self._errors[i]) for i in rows.tolist()]
         self._outliers = [list(self._outliers[i]) for i in rows.tolist()]
         self._outlier_keys = [_clone_row(self._outlier_keys[i]) for i in rows.tolist()]
 
@@ -561,9 +587,9 @@ def _unpack_state(indexes: dict, metadata: dict, heads: int) -> tuple[list, list
 
 
 def _repeats(ids: torch.Tensor, k: int) -> torch.Tensor:
-    """(..., n) True where an id among the last n - k (outliers, distinct) repeats one of the first k (listed)."""
-    repeated = (ids[..., k:, None] == ids[..., None, :k]).any(-1)  # (..., n - k)
-    return torch.cat([torch.zeros_like(ids[..., :k], dtype=torch.bool), repeated], dim=-1)
+    """(..., n) True where an id among the first k (listed) is one of the last n - k (outliers, distinct)."""
+    repeated = (ids[..., :k, None] == ids[..., None, k:]).any(-1)  # (..., k)
+    return torch.cat([repeated, torch.zeros_like(ids[..., k:], dtype=torch.bool)], dim=-1)
 
 
 def _expand(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -606,18 +632,22 @@ def _nearest_lists(ivf: faiss.Index, vectors: np.ndarray) -> tuple[np.ndarray, n
     return (-found[:, 0] if ivf.metric_type == faiss.METRIC_INNER_PRODUCT else found[:, 0]), lists
 
 
-def _add_with_ids(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
-    """Add `vectors` under `ids`; returns `_centroid_distances` of them. A CPU IVF index of Flat, PQ or SQ codes gets
-    them from the one coarse search that assigns the lists: computing them apart searched the quantizer twice, a sixth
-    of indexing time."""
+def _add_with_ids(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Add `vectors` under `ids`; returns `_centroid_distances` of them and, for an IVF-PQ index, the squared error of
+    their codes (None otherwise). A CPU IVF index of Flat, PQ or SQ codes gets the distances from the one coarse
+    search that assigns the lists: computing them apart searched the quantizer twice, a sixth of indexing time."""
     ivf = faiss.downcast_index(index)
     if type(ivf) not in (faiss.IndexIVFFlat, faiss.IndexIVFPQ, faiss.IndexIVFScalarQuantizer):  # others add their own way
         index.add_with_ids(vectors, ids)
-        return _centroid_distances(index, vectors)
+        return _centroid_distances(index, vectors), None
     vectors, ids = np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64)
     distances, lists = _nearest_lists(ivf, vectors)
-    ivf.add_core(len(vectors), faiss.swig_ptr(vectors), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
-    return distances
+    if type(ivf) is not faiss.IndexIVFPQ:
+        ivf.add_core(len(vectors), faiss.swig_ptr(vectors), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+        return distances, None
+    missed = np.empty_like(vectors)  # what the codes leave of each vector, from the encoding itself
+    ivf.add_core_o(len(vectors), faiss.swig_ptr(vectors), faiss.swig_ptr(ids), faiss.swig_ptr(missed), faiss.swig_ptr(lists))
+    return distances, (missed.astype(np.float64) ** 2).sum(1)
 
 
 def _inner_product_view(index: faiss.Index) -> tuple[faiss.Index, np.ndarray] | None:

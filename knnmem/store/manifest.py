@@ -140,9 +140,9 @@ def check_manifest(manifest: dict, file: Path) -> None:
         need(layer, list, lambda v: len(v) == heads and all(b is None or _is(b, float) for b in v),
              f"a list of {heads} numbers or nulls", within=bounds)
         need(layer, list, lambda v: len(v) == heads and all(
-            isinstance(h, dict) and (h.get("radius") is None or _is(h.get("radius"), float))
+            isinstance(h, dict) and all(h.get(bound) is None or _is(h[bound], float) for bound in ("radius", "error_bound"))
             and isinstance(h.get("ids"), list) and in_range(h["ids"]) for h in v),
-            f"a list of {heads} objects {{radius, ids}} with ids below {entries}", within=outliers)
+            f"a list of {heads} objects {{radius, error_bound, ids}} with ids below {entries}", within=outliers)
     need("documents", list, lambda v: all(
         isinstance(d, dict) and d.keys() == {"id", "name", "start", "end"} and _is(d["id"], int)
         and isinstance(d["name"], str) and _is(d["start"], int) and _is(d["end"], int)

@@ -308,6 +308,31 @@ def test_entries_unlike_the_training_sample_are_searched_exactly_and_persisted()
         memory.add(0, more, more, torch.ones(1, 1000, dtype=torch.bool))
 
 
+def test_entries_the_codes_reconstruct_worst_are_scored_exactly_without_stored_keys():
+    # Without stored keys an entry is scored from its PQ code; the training entry the codes miss most is also kept
+    # exactly beside the lists (one of 400 at RECONSTRUCTION_SHARE), and that exact score is the one returned.
+    torch.manual_seed(0)
+    keys = torch.randn(1, 1, 400, 8)
+    memory = knnmem.Memory(layers=[0], num_heads=1, head_dim=8, dtype=torch.float32, index="IVF2,PQ2x4",
+                           k=400, train_size=400, nprobe=2, keep_keys=False)
+    memory.add(0, keys, keys, torch.ones(1, 400, dtype=torch.bool))
+    backend = memory.backend(0)
+    index = inner_index(backend._rows[0][0])
+    reduced = backend._index_vectors(0, 0, keys[0, 0].numpy())
+    errors = ((reduced - index.sa_decode(index.sa_encode(reduced))) ** 2).sum(1)
+    worst = int(errors.argmax())
+    state = backend.export_state()[1]["ivf_outliers"][0]
+    assert state["ids"] == [worst] and state["error_bound"] < errors[worst]
+    query = keys[0, 0, worst][None, None, None]
+    hits = memory.search(0, query, slice(0, 1))
+    assert sorted(hits.ids.flatten().tolist()) == list(range(400))  # every entry, the tracked one once
+    score = hits.scores.flatten()[hits.ids.flatten() == worst]
+    assert_close(score, (keys[0, 0, worst] ** 2).sum()[None], rtol=1e-5, atol=1e-5)
+    coded = hits.scores.flatten()[hits.ids.flatten() != worst]  # the others as their codes score them
+    exact = keys[0, 0, hits.ids.flatten()[hits.ids.flatten() != worst]] @ keys[0, 0, worst]
+    assert (coded - exact).abs().max() > 1e-2
+
+
 def test_entries_under_a_pre_transform_are_checked_for_outliers_as_its_lists_see_them():
     torch.manual_seed(0)
     keys = torch.randn(1, 1, 300, 8)
