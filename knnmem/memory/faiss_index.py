@@ -37,7 +37,7 @@ OUTLIER_WARNING_SHARE, OUTLIER_WARNING_MIN = 0.1, 1000
 # Without stored keys, entries whose PQ codes miss most of them are kept exactly beside the lists too: the share of
 # training entries that the codes reconstruct worst sets the bound. Codes trained on repeated filler reconstruct a
 # pass key's digits among the worst few hundred of 65k entries, and scored from codes the key is missed.
-RECONSTRUCTION_SHARE = 0.002
+RECONSTRUCTION_SHARE = 0.001
 
 # Search parameters that count candidates (lists probed, graph neighbours kept, reranked results).
 _COUNT_PARAMS = ("nprobe", "efSearch", "max_codes", "k_factor", "k_factor_rf", "efConstruction")

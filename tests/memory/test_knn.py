@@ -310,7 +310,7 @@ def test_entries_unlike_the_training_sample_are_searched_exactly_and_persisted()
 
 def test_entries_the_codes_reconstruct_worst_are_scored_exactly_without_stored_keys():
     # Without stored keys an entry is scored from its PQ code; the training entry the codes miss most is also kept
-    # exactly beside the lists (one of 400 at RECONSTRUCTION_SHARE), and that exact score is the one returned.
+    # exactly beside the lists (one of 400 at RECONSTRUCTION_SHARE, 0.1%), and that exact score is the one returned.
     torch.manual_seed(0)
     keys = torch.randn(1, 1, 400, 8)
     memory = knnmem.Memory(layers=[0], num_heads=1, head_dim=8, dtype=torch.float32, index="IVF2,PQ2x4",
