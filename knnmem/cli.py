@@ -199,8 +199,8 @@ def cmd_info(args) -> None:
         if any(head["radius"] is not None for head in heads):  # the lists are trained
             counts = [len(head["ids"]) for head in heads]
             share = 100 * max(counts) / max(manifest["entries"], 1)
-            print(f"{'beyond lists':>15}: layer {layer}: {min(counts):,}-{max(counts):,} entries per head "
-                  f"searched exactly (at most {share:.2f}% of entries)")
+            print(f"{'scored exactly':>15}: layer {layer}: {min(counts):,}-{max(counts):,} entries per head beyond "
+                  f"the lists or their codes (at most {share:.2f}% of entries)")
     sizes = sum(record["bytes"] for record in manifest["files"].values())
     print(f"{'bytes on disk':>15}: {sizes:,} ({sizes / max(manifest['entries'], 1):,.0f} per token)")
     print(f"{'documents':>15}: {len(manifest['documents'])}")
