@@ -201,6 +201,9 @@ def cmd_info(args) -> None:
             share = 100 * max(counts) / max(manifest["entries"], 1)
             print(f"{'scored exactly':>15}: layer {layer}: {min(counts):,}-{max(counts):,} entries per head beyond "
                   f"the lists or their codes (at most {share:.2f}% of entries)")
+    for layer, count in manifest.get("exact_values", {}).items():
+        share = 100 * count / max(manifest["entries"] * manifest["num_heads"], 1)
+        print(f"{'kept exactly':>15}: layer {layer}: {count:,} values beside their codes ({share:.2f}% of values)")
     sizes = sum(record["bytes"] for record in manifest["files"].values())
     print(f"{'bytes on disk':>15}: {sizes:,} ({sizes / max(manifest['entries'], 1):,.0f} per token)")
     print(f"{'documents':>15}: {len(manifest['documents'])}")

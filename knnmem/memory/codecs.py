@@ -12,6 +12,8 @@ Three kinds, named by a codec spec (see `make_codecs`):
   `train_size` valid entries exist, the store keeps values in its memory's dtype; then the
   codebooks are trained on them and every value is encoded. Keys are never product-quantized here:
   the index ranks by them, and an index holding PQ codes of keys is the way to compress those.
+  Values its codes reconstruct worse than all but `RECONSTRUCTION_SHARE` of its training values
+  are kept exactly beside the codes (`poorly_coded`; the entry store holds them).
 
 Decoding returns the memory's dtype and happens only for the entries read (see `EntryStore.take`).
 """
@@ -29,10 +31,17 @@ CAST_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": 
 # number lose precision, and vectors that small quantize to zero anyway.
 _MIN_SCALE = 2.0**-14
 
+# Codes trained on what a memory mostly holds (repeated filler, plain prose) reconstruct what stands out of it (a pass
+# key's digits) among the worst few hundred of 65k entries, and what is reconstructed that badly is lost: the share
+# of training vectors coded worst sets the error beyond which vectors are kept exactly (values here, keys in IVF-PQ
+# indexes without stored keys).
+RECONSTRUCTION_SHARE = 0.001
+
 
 class Codec(Protocol):
     name: str  # its spec, as recorded in a store's manifest
     dtype: torch.dtype  # of the encoded arrays
+    out_dtype: torch.dtype  # of decoded vectors
     train_size: int  # valid entries needed before `train`; 0 for codecs that need none
 
     @property
@@ -51,6 +60,10 @@ class Codec(Protocol):
     def decode(self, stored: torch.Tensor, heads: slice = slice(None)) -> torch.Tensor:
         """Stored tensors (B, h, N, W) of heads `heads` back as model tensors (B, h, N, D)."""
 
+    def poorly_coded(self, x: torch.Tensor, stored: torch.Tensor) -> torch.Tensor | None:
+        """(B, H, T) True where `stored` (B, H, T, W), the encoding of `x` (B, H, T, D), reconstructs it too badly
+        to be kept alone; None when every encoding is kept."""
+
     def state(self) -> dict[str, torch.Tensor]:
         """Trained parameters, named, for persistence ({} when there are none)."""
 
@@ -67,7 +80,7 @@ class CastCodec:
     def __init__(self, dtype: torch.dtype):
         if dtype not in CAST_DTYPES.values():
             raise ValueError(f"no codec stores entries as {dtype}: use float32, bfloat16 or float16")
-        self.dtype = dtype
+        self.dtype = self.out_dtype = dtype
         self.name = str(dtype).removeprefix("torch.")
 
     def width(self, head_dim: int) -> int:
@@ -81,6 +94,9 @@ class CastCodec:
 
     def decode(self, stored: torch.Tensor, heads: slice = slice(None)) -> torch.Tensor:
         return stored
+
+    def poorly_coded(self, x: torch.Tensor, stored: torch.Tensor) -> None:
+        return None  # rounding to a dtype or to int8 with a scale per vector spares no vector in particular
 
     def state(self) -> dict[str, torch.Tensor]:
         return {}
@@ -131,6 +147,7 @@ class ProductCodec:
         self.train_size = 39 * 2**bits  # Faiss's advice for k-means, as for IVF lists
         self._fallback = CastCodec(out_dtype)
         self._centroids: torch.Tensor | None = None  # (H, M, 2**bits, D / M) float32
+        self._bound: torch.Tensor | None = None  # (H,) float32: squared errors beyond it are kept exactly
         self._on_device: dict[torch.device, torch.Tensor] = {}  # the centroids where codes are decoded
 
     @property
@@ -165,6 +182,17 @@ class ProductCodec:
         shape = (self.num_heads, self.subvectors, 2**self.bits, self.head_dim // self.subvectors)
         self._centroids = torch.stack(centroids).view(shape)
         self._on_device = {}
+        errors = self._errors(x[None], self.encode(x[None]))[0]  # (H, N)
+        self._bound = torch.from_numpy(np.quantile(errors.numpy(), 1 - RECONSTRUCTION_SHARE, axis=1)).float()
+
+    def _errors(self, x: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+        """(B, H, T) squared distances from vectors `x` (B, H, T, D) to what their codes `stored` decode to."""
+        return (self._reconstruct(stored) - x.detach().to(stored.device).float()).square().sum(-1).cpu()
+
+    def poorly_coded(self, x: torch.Tensor, stored: torch.Tensor) -> torch.Tensor | None:
+        if self._bound is None:  # untrained, or trained by a knnmem that kept no vector exactly
+            return None
+        return self._errors(x, stored) > self._bound[None, :, None]
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         if not self.trained:
@@ -182,6 +210,10 @@ class ProductCodec:
     def decode(self, stored: torch.Tensor, heads: slice = slice(None)) -> torch.Tensor:
         if not self.trained:
             return self._fallback.decode(stored)
+        return self._reconstruct(stored, heads).to(self.out_dtype)
+
+    def _reconstruct(self, stored: torch.Tensor, heads: slice = slice(None)) -> torch.Tensor:
+        """Codes (B, h, N, M) of heads `heads` decoded to float32 vectors (B, h, N, D)."""
         centroids = self._on_device.get(stored.device)
         if centroids is None:
             centroids = self._on_device[stored.device] = self._centroids.to(stored.device)
@@ -190,14 +222,17 @@ class ProductCodec:
         codes = stored.long().permute(1, 3, 0, 2).reshape(num_heads, m, batch * count, 1)  # (h, M, B*N, 1)
         picked = centroids.gather(2, codes.expand(-1, -1, -1, centroids.shape[-1]))  # (h, M, B*N, D / M)
         picked = picked.view(num_heads, m, batch, count, -1).permute(2, 0, 3, 1, 4)  # (B, h, N, M, D / M)
-        return picked.reshape(batch, num_heads, count, self.head_dim).to(self.out_dtype)
+        return picked.reshape(batch, num_heads, count, self.head_dim)
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"codebook": self._centroids} if self.trained else {}
+        if not self.trained:
+            return {}
+        return {"codebook": self._centroids, **({"error_bound": self._bound} if self._bound is not None else {})}
 
     def load_state(self, arrays: dict[str, torch.Tensor]) -> None:
-        if set(arrays) != {"codebook"}:
-            raise ValueError(f"codec {self.name} needs a codebook, got {sorted(arrays) or 'nothing'}")
+        # stores written before values were kept exactly have a codebook only
+        if set(arrays) not in ({"codebook"}, {"codebook", "error_bound"}):
+            raise ValueError(f"codec {self.name} needs a codebook (and an error bound), got {sorted(arrays) or 'nothing'}")
         shape = (self.num_heads, self.subvectors, 2**self.bits, self.head_dim // self.subvectors)
         codebook = arrays["codebook"]
         if tuple(codebook.shape) != shape or codebook.dtype != torch.float32:
@@ -205,7 +240,11 @@ class ProductCodec:
                              f"{shape} float32 (heads, sub-vectors, centroids, sub-dimension): not this codec's")
         if not torch.isfinite(codebook).all():
             raise ValueError(f"the {self.name} codebook holds non-finite numbers (corrupted)")
-        self._centroids = codebook.contiguous()
+        bound = arrays.get("error_bound")
+        if bound is not None and (tuple(bound.shape) != (self.num_heads,) or not (bound.isfinite() & (bound >= 0)).all()):
+            raise ValueError(f"the {self.name} error bound must be {self.num_heads} finite non-negative float32 numbers "
+                             f"(one a head), got {bound.tolist()} (corrupted)")
+        self._centroids, self._bound = codebook.contiguous(), bound
         self._on_device = {}
 
 

@@ -13,6 +13,10 @@ import torch
 
 from .codecs import CastCodec, Codec
 
+# An exactly kept value is found by one int64 key: its row and head above these bits, its id below them.
+_ID_BITS = 40
+_ID_MASK = (1 << _ID_BITS) - 1
+
 
 class EntryStore:
     """Keys/values (B, H, capacity, ·) encoded by their codecs, and valid flags (B, capacity), filled up to `len(self)`.
@@ -20,7 +24,9 @@ class EntryStore:
     Appending grows the arrays by doubling (amortised O(window) per append). When the new entries
     require grad (training through memory), appends are out of place so autograd keeps every window.
     A value codec that needs training (product quantization) is trained once `train_size` valid
-    entries exist, and every value stored so far is encoded then.
+    entries exist, and every value stored so far is encoded then. Values the codec says its codes
+    reconstruct too badly (`Codec.poorly_coded`) are also kept exactly, in the memory's dtype, and read
+    in place of their codes.
 
     Args:
         codec: a dtype (cast codec), one codec for keys and values, or a (keys, values) pair.
@@ -38,6 +44,8 @@ class EntryStore:
 
     def reset(self) -> None:
         self._keys = self._values = self._valid = None
+        # Values kept exactly: sorted keys (row * H + head) << _ID_BITS | id, and the vectors (n, D) in that order.
+        self._exact_keys, self._exact = torch.zeros(0, dtype=torch.long), None
         self._size = 0
         self._key_start = 0  # ids below it have no key held (see `drop_keys`)
 
@@ -75,7 +83,7 @@ class EntryStore:
 
     def values(self, heads: slice = slice(None)) -> torch.Tensor:
         """(B, h, M, D) stored values of `heads`, decoded."""
-        return self.value_codec.decode(self._values[:, heads, : self._size], heads)
+        return self._with_exact(self.value_codec.decode(self._values[:, heads, : self._size], heads), heads, 0)
 
     @property
     def valid(self) -> torch.Tensor:
@@ -87,16 +95,28 @@ class EntryStore:
         keys = self._keys[:, :, : self._size] if self.has_keys else None
         return keys, self._values[:, :, : self._size]
 
-    def attach(self, keys: torch.Tensor | None, values: torch.Tensor, valid: torch.Tensor) -> None:
+    def exact_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The values kept exactly beside their codes: (n, 3) (row, head, id), sorted, and their vectors (n, D)."""
+        planes, ids = self._exact_keys >> _ID_BITS, self._exact_keys & _ID_MASK
+        where = torch.stack([planes // self.num_heads, planes % self.num_heads, ids], dim=1)
+        return where, self._exact if self._exact is not None else torch.zeros(0, self.head_dim)
+
+    def attach(self, keys: torch.Tensor | None, values: torch.Tensor, valid: torch.Tensor,
+               exact: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Adopt already encoded (e.g. memory-mapped) keys (None: not kept), values (B, H, M, ·) and
-        valid (B, M) without copying."""
+        valid (B, M) without copying, and the values kept exactly as `exact_values` gave them."""
         self._keys, self._values, self._valid = keys, values, valid
         self._size = values.shape[2]
         self._key_start = 0 if keys is not None else self._size
+        if exact is not None and len(exact[0]):
+            where, vectors = exact
+            self._exact_keys = ((where[:, 0] * self.num_heads + where[:, 1]) << _ID_BITS | where[:, 2]).to(values.device)
+            self._exact = vectors.to(values.device)
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> range:
         """Append keys/values (B, H, T, D) and valid (B, T); returns the ids given to them."""
-        keys, values, valid = self.key_codec.encode(keys), self.value_codec.encode(values), valid.bool()
+        raw, valid = values, valid.bool()
+        keys, values = self.key_codec.encode(keys), self.value_codec.encode(values)
         start, end = self._size, self._size + keys.shape[2]
         if keys.requires_grad or values.requires_grad:
             self._keys = keys if not start else torch.cat([self._keys[:, :, :start], keys], dim=2)
@@ -112,6 +132,7 @@ class EntryStore:
             self._values[:, :, start:end] = values
             self._valid[:, start:end] = valid
         self._size = end
+        self._keep_exact(raw, values, valid, start)
         codec = self.value_codec
         if not codec.trained and int(self.valid.sum()) >= max(codec.train_size, 1):
             self._train_values()
@@ -121,6 +142,39 @@ class EntryStore:
         values = self.values()  # (B, H, M, D), staged in the memory's dtype
         self.value_codec.train(values.transpose(0, 1)[:, self.valid])  # (H, valid entries of every row, D)
         self._values = self.value_codec.encode(values)
+        self._keep_exact(values, self._values, self.valid, 0)
+
+    def _keep_exact(self, values: torch.Tensor, stored: torch.Tensor, valid: torch.Tensor, start: int) -> None:
+        """Keep exactly the valid values (B, H, T, D) of ids `start`... whose codes `stored` reconstruct them too badly."""
+        poor = self.value_codec.poorly_coded(values, stored)
+        if poor is None:
+            return
+        rows, heads, offsets = (poor & valid[:, None, :].cpu()).nonzero(as_tuple=True)
+        if not len(rows):
+            return
+        device = self._values.device
+        keys = ((rows * self.num_heads + heads) << _ID_BITS | (start + offsets)).to(device)
+        vectors = values.detach()[rows.to(values.device), heads.to(values.device), offsets.to(values.device)]
+        self._set_exact(torch.cat([self._exact_keys.to(device), keys]),
+                        torch.cat([self._exact, vectors.to(self.value_codec.out_dtype)]) if self._exact is not None
+                        else vectors.to(self.value_codec.out_dtype))
+
+    def _set_exact(self, keys: torch.Tensor, vectors: torch.Tensor) -> None:
+        order = keys.argsort()
+        self._exact_keys, self._exact = keys[order], vectors[order]
+
+    def _with_exact(self, values: torch.Tensor, heads: slice, start: int) -> torch.Tensor:
+        """Decoded values (B, h, N, D) of `heads` and ids `start`... with those kept exactly put in place of their codes."""
+        if self._exact is None:
+            return values
+        first = heads.indices(self.num_heads)[0]
+        planes, ids = self._exact_keys >> _ID_BITS, (self._exact_keys & _ID_MASK) - start
+        rows, local = planes // self.num_heads, planes % self.num_heads - first
+        inside = (local >= 0) & (local < values.shape[1]) & (ids >= 0) & (ids < values.shape[2])
+        if inside.any():
+            values = values.clone()
+            values[rows[inside], local[inside], ids[inside]] = self._exact[inside].to(values.dtype)
+        return values
 
     def drop_keys(self) -> None:
         """Release the keys (`keep_keys=False`): the index over them holds them now."""
@@ -162,6 +216,11 @@ class EntryStore:
                 batch, num_heads, num_queries, k, -1)
 
         values = gather(self._values, self.value_codec)
+        if self._exact is not None:  # values kept exactly replace their codes' reconstruction
+            wanted = ((planes << _ID_BITS) | flat).reshape(-1)
+            at = torch.searchsorted(self._exact_keys, wanted).clamp_max(len(self._exact_keys) - 1)
+            hit = self._exact_keys[at] == wanted
+            values.view(-1, values.shape[-1])[hit] = self._exact[at[hit]].to(values.dtype)
         if not keys:
             return values, valid
         self._check_keys()
@@ -172,17 +231,25 @@ class EntryStore:
         self._check_keys()
         for start in range(0, self._size, size):
             end = min(start + size, self._size)
-            yield (self.key_codec.decode(self._keys[:, :, start:end]), self.value_codec.decode(self._values[:, :, start:end]),
-                   self._valid[:, start:end])
+            values = self._with_exact(self.value_codec.decode(self._values[:, :, start:end]), slice(None), start)
+            yield self.key_codec.decode(self._keys[:, :, start:end]), values, self._valid[:, start:end]
 
     def nbytes(self) -> int:
         if not self._size:
             return 0
         keys, values = self.encoded()
-        return (keys.nbytes if keys is not None else 0) + values.nbytes + self.valid.nbytes
+        exact = self._exact.nbytes + self._exact_keys.nbytes if self._exact is not None else 0
+        return (keys.nbytes if keys is not None else 0) + values.nbytes + self.valid.nbytes + exact
 
     def reorder_rows(self, rows: torch.Tensor) -> None:
         if self._values is not None:
             rows = rows.to(self._values.device)
             self._values, self._valid = self._values[rows], self._valid[rows]
             self._keys = self._keys[rows] if self._keys is not None else None
+        if self._exact is not None:  # each new row takes the exactly kept values of the row it copies
+            planes = self._exact_keys >> _ID_BITS
+            old_rows, heads = planes // self.num_heads, planes % self.num_heads
+            picked = [(new, (old_rows == old).nonzero()[:, 0]) for new, old in enumerate(rows.tolist())]
+            keys = [((new * self.num_heads + heads[at]) << _ID_BITS) | (self._exact_keys[at] & _ID_MASK)
+                    for new, at in picked]
+            self._set_exact(torch.cat(keys), torch.cat([self._exact[at] for _, at in picked]))

@@ -25,6 +25,7 @@ import faiss
 import numpy as np
 import torch
 
+from .codecs import RECONSTRUCTION_SHARE
 from .entries import EntryStore
 from .exact import top_k_hits
 from .protocol import MemoryHits
@@ -33,11 +34,6 @@ from .protocol import MemoryHits
 # are both many (more than the 32 probed lists of 39 entries scan at training size) and over this share
 # of a row's entries in one head: the lists then describe the memory poorly and each query pays for it.
 OUTLIER_WARNING_SHARE, OUTLIER_WARNING_MIN = 0.1, 1000
-
-# Without stored keys, entries whose PQ codes miss most of them are kept exactly beside the lists too: the share of
-# training entries that the codes reconstruct worst sets the bound. Codes trained on repeated filler reconstruct a
-# pass key's digits among the worst few hundred of 65k entries, and scored from codes the key is missed.
-RECONSTRUCTION_SHARE = 0.001
 
 # Search parameters that count candidates (lists probed, graph neighbours kept, reranked results).
 _COUNT_PARAMS = ("nprobe", "efSearch", "max_codes", "k_factor", "k_factor_rf", "efConstruction")

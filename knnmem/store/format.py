@@ -9,6 +9,9 @@ Layout of a store directory (documented for users in `indexes/README.md`):
                                absent when only the index holds the keys (option keep_keys false)
         layer<L>.values.bin    (H, M, D), or (H, M, W) codes of the manifest's `codec` (int8: D + 2, pq<M>: M)
         layer<L>.values-codebook.bin  (H, M, 2**bits, D / M) float32: the PQ codebook, once trained
+        layer<L>.values-error_bound.bin  (H,) float32: squared code errors beyond it keep values exactly
+        layer<L>.exact-values.bin     (n, D) of the manifest's dtype: values kept exactly beside their codes
+        layer<L>.exact-value-ids.bin  (n, 2) int64 (head, id) of each, in order (manifest "exact_values": n)
         layer<L>.head<h>.faiss one Faiss index per head (Faiss specs only)
         layer<L>.head<h>.outliers.faiss  keys of the IVF outliers, when keys are not kept
         valid.bin              (M,) uint8: 1 for entries that may receive attention

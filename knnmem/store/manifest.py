@@ -157,6 +157,10 @@ def check_manifest(manifest: dict, file: Path) -> None:
         need("codec_arrays", dict, lambda v: all(
             _CODEC_ARRAY.fullmatch(name) and isinstance(shape, list) and all(_is(n, int) and n > 0 for n in shape)
             for name, shape in v.items()), "an object of codec parameter files and their shapes")
+    if "exact_values" in manifest:  # absent in stores written before values were kept exactly beside their codes
+        need("exact_values", dict, lambda v: v.keys() <= {str(layer) for layer in layers} and all(
+            _is(n, int) and 0 < n <= entries * heads for n in v.values()),
+            f"an object of layers and how many of their {entries} x {heads} values are kept exactly")
     need("generation", str, GENERATION.fullmatch, "a name data-<12 hex digits> (a directory of the store)")
     files = need("files", dict)
     expected, optional = data_files(manifest)
@@ -182,6 +186,9 @@ def data_files(manifest: dict) -> tuple[dict[str, int | None], set[str]]:
     provenance = entries * 4 if manifest.get("provenance") == "token_ids" else entries * 3 * 8
     files: dict[str, int | None] = {"valid.bin": entries, "provenance.bin": provenance}
     files |= {name: 4 * math.prod(shape) for name, shape in manifest.get("codec_arrays", {}).items()}  # float32
+    for layer, count in manifest.get("exact_values", {}).items():  # (head, id) as int64, vectors of the dtype
+        files |= {f"layer{layer}.exact-value-ids.bin": 16 * count,
+                  f"layer{layer}.exact-values.bin": count * dim * _ITEMSIZE[manifest["dtype"]]}
     optional = set()
     for layer in manifest["layers"]:
         files |= {f"layer{layer}.values.bin": array} | ({f"layer{layer}.keys.bin": array} if keep_keys else {})

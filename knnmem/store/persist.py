@@ -38,7 +38,7 @@ def save_memory(memory: Memory, path: str | Path | None = None, *, include_overl
         merged.extend(memory.overlay)
         return save_memory(merged, path)
     size = memory.stored_entries
-    arrays, indexes, bounds, outliers, codec_arrays = {}, {}, {}, {}, {}
+    arrays, indexes, bounds, outliers, codec_arrays, exact_values = {}, {}, {}, {}, {}, {}
     for layer in memory.layers:
         entries = memory.entries(layer)
         keys, values = entries.encoded() if size else (torch.zeros(0), torch.zeros(0))
@@ -49,6 +49,10 @@ def save_memory(memory: Memory, path: str | Path | None = None, *, include_overl
             for name, tensor in codec.state().items():
                 arrays[f"layer{layer}.{kind}-{name}.bin"] = tensor
                 codec_arrays[f"layer{layer}.{kind}-{name}.bin"] = list(tensor.shape)
+        where, vectors = entries.exact_values()
+        if len(where):  # of the one row: (head, id) of each
+            arrays[f"layer{layer}.exact-values.bin"], arrays[f"layer{layer}.exact-value-ids.bin"] = vectors, where[:, 1:]
+            exact_values[str(layer)] = len(where)
         objects, metadata = memory.backend(layer).export_state()
         indexes.update({f"layer{layer}.{name}": index for name, index in objects.items()})
         if metadata:
@@ -66,7 +70,7 @@ def save_memory(memory: Memory, path: str | Path | None = None, *, include_overl
     manifest = dict(
         fingerprint=memory.fingerprint, layers=list(memory.layers), num_heads=memory.num_heads,
         head_dim=memory.head_dim, dtype=str(memory.dtype).removeprefix("torch."), codec=memory.codec,
-        codec_arrays=codec_arrays,
+        codec_arrays=codec_arrays, exact_values=exact_values,
         index=memory.index, k=memory.k, **({"provenance": "token_ids"} if tokens_only else {}),
         options=memory.options(), l2_bounds=bounds, ivf_outliers=outliers, entries=size,
         documents=[d._asdict() for d in memory.documents],
@@ -189,7 +193,9 @@ def _open_memory(path: Path, manifest: dict, handles: dict, config, device: torc
                 shape = (1, heads, size, codec.width(dim))
                 _check_codes(data / name, manifest["files"][name]["bytes"], shape, codec)
                 arrays[kind] = fmt.map_array(handles[name], shape, codec.dtype, writable).to(device)
-        entries.attach(arrays.get("keys"), arrays["values"], valid)
+        count = manifest.get("exact_values", {}).get(str(layer), 0)  # absent in stores written before them
+        exact = _exact_values(data, handles, layer, count, manifest, writable) if count else None
+        entries.attach(arrays.get("keys"), arrays["values"], valid, exact)
         names = {f"head{h}.{kind}": f"layer{layer}.head{h}.{kind}" for h in range(heads)
                  for kind in ("faiss", "outliers.faiss") if f"layer{layer}.head{h}.{kind}" in handles}
         if size and all(f"layer{layer}.head{h}.faiss" in handles for h in range(heads)):  # a Faiss memory
@@ -222,6 +228,26 @@ def _document_positions(documents: list[Document], size: int, dtype: torch.dtype
         columns[document.start : document.end, 0] = document.id
         columns[document.start : document.end, 1] = torch.arange(document.end - document.start, dtype=dtype)
     return columns
+
+
+def _exact_values(data: Path, handles: dict, layer: int, count: int, manifest: dict,
+                  writable: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The values layer `layer` keeps exactly beside their codes, as `EntryStore.attach` takes them, after checking
+    that they are entries of the store in the order it writes them."""
+    name = f"layer{layer}.exact-value-ids.bin"
+    heads, entries = manifest["num_heads"], manifest["entries"]
+    where = fmt.map_array(handles[name], (count, 2), torch.int64, writable)
+    keys = where[:, 0] * entries + where[:, 1]
+    problem = None
+    if ((where[:, 0] < 0) | (where[:, 0] >= heads) | (where[:, 1] < 0) | (where[:, 1] >= entries)).any():
+        problem = f"holds (head, id) pairs outside the {heads} heads and {entries} entries"
+    elif count > 1 and not (keys[1:] > keys[:-1]).all():
+        problem = "holds (head, id) pairs out of order or repeated"
+    if problem:
+        raise fmt.StoreError(f"{data / name}: {problem} (corrupted)")
+    vectors = fmt.map_array(handles[f"layer{layer}.exact-values.bin"], (count, manifest["head_dim"]),
+                            getattr(torch, manifest["dtype"]), writable)
+    return torch.cat([torch.zeros(count, 1, dtype=torch.int64), where], dim=1), vectors
 
 
 def _load_codec_state(codec, data: Path, handles: dict, prefix: str, shapes: dict) -> None:

@@ -1,6 +1,7 @@
 """Codecs of the entry store: round trips and their error bounds, PQ training and state, spec parsing."""
 
 import faiss
+import numpy as np
 import pytest
 import torch
 
@@ -70,6 +71,52 @@ def test_entry_store_trains_its_value_codec_once_enough_entries_exist():
     taken, _ = store.take(ids, slice(None))
     expected = store.values().gather(2, ids.view(1, 2, 15, 1).expand(-1, -1, -1, 8)).view(1, 2, 3, 5, 8)
     assert torch.equal(taken, expected)  # decoding only the entries taken gives what decoding all does
+
+
+def test_values_the_codes_reconstruct_worst_are_kept_exactly_and_read_in_their_place():
+    keys, values = make_codecs("float32/pq2x4", num_heads=2, head_dim=8, dtype=torch.float32)
+    store = EntryStore(num_heads=2, head_dim=8, codec=(keys, values))
+    x = vectors(1, 2, 1200, 8)
+    x[0, 1, 1000] = 40.0  # added after training, far from everything the codebook learnt
+    valid = torch.ones(1, 1200, dtype=torch.bool)
+    valid[0, 1100] = False
+    x[0, :, 1100] = 60.0  # as badly coded, but padding: never read, so not kept
+    for start in range(0, 1200, 200):  # trained at 800 entries, on all of them
+        store.add(x[:, :, start : start + 200], x[:, :, start : start + 200], valid[:, start : start + 200])
+    state = values.state()
+    expected = set()
+    for h in range(2):  # each head's squared code errors, from Faiss's own encoding and decoding
+        pq = faiss.ProductQuantizer(8, 2, 4)
+        faiss.copy_array_to_vector(state["codebook"][h].reshape(-1).numpy(), pq.centroids)
+        head = x[0, h].numpy()
+        errors = ((pq.decode(pq.compute_codes(head)) - head) ** 2).sum(1)
+        assert float(state["error_bound"][h]) == pytest.approx(np.quantile(errors[:800], 0.999), rel=1e-5)
+        expected |= {(0, h, i) for i in np.flatnonzero(errors > float(state["error_bound"][h])) if valid[0, i]}
+    where, exact = store.exact_values()
+    assert set(map(tuple, where.tolist())) == expected and (0, 1, 1000) in expected and len(expected) < 12
+    assert torch.equal(exact, x[where[:, 0], where[:, 1], where[:, 2]])
+    ids = torch.tensor([1000, 5, 1100, -1]).view(1, 1, 1, 4).expand(1, 2, 1, 4)
+    taken, ok = store.take(ids, slice(None))
+    assert torch.equal(taken[0, 1, 0, 0], x[0, 1, 1000])  # the kept value, not its code's
+    assert not torch.equal(taken[0, 1, 0, 2], x[0, 1, 1100]) and ok.tolist() == [[[[True, True, False, False]]] * 2]
+    assert torch.equal(store.values()[0, :, [1000, 5]], taken[0, :, 0, :2])  # every way of reading agrees
+    assert torch.equal(next(store.chunks(1 << 10))[1], store.values()[:, :, : 1 << 10])
+    store.reorder_rows(torch.tensor([0, 0]))  # beams: each row keeps the values kept exactly of the row it copies
+    assert torch.equal(store.values()[1, 1, 1000], x[0, 1, 1000]) and len(store.exact_values()[0]) == 2 * len(expected)
+    store.reorder_rows(torch.tensor([1]))
+    assert set(map(tuple, store.exact_values()[0].tolist())) == expected
+
+
+def test_pq_codecs_trained_before_error_bounds_keep_no_value_exactly():
+    codec = ProductCodec(subvectors=2, bits=4, num_heads=2, head_dim=8, out_dtype=torch.float32)
+    x = vectors(1, 2, 700, 8)
+    codec.train(x[0])
+    old = ProductCodec(subvectors=2, bits=4, num_heads=2, head_dim=8, out_dtype=torch.float32)
+    old.load_state({"codebook": codec.state()["codebook"]})
+    assert old.poorly_coded(x, old.encode(x)) is None and codec.poorly_coded(x, codec.encode(x)).any()
+    for bound in (torch.tensor([1.0]), torch.tensor([1.0, float("inf")]), torch.tensor([-1.0, 1.0])):
+        with pytest.raises(ValueError, match="error bound must be 2 finite non-negative float32 numbers"):
+            old.load_state({"codebook": codec.state()["codebook"], "error_bound": bound})
 
 
 @pytest.mark.parametrize("spec, expected", [(None, "float32"), ("int8", "int8"), ("bfloat16/int8", "bfloat16/int8"),

@@ -1,5 +1,6 @@
 """Stores of compressed memories: every codec survives save and load; damaged codec state is refused."""
 
+import hashlib
 import json
 
 import pytest
@@ -47,6 +48,10 @@ def manifest_of(store):
     return json.loads((store / "manifest.json").read_text())
 
 
+def sha256(file):
+    return hashlib.sha256(file.read_bytes()).hexdigest()
+
+
 def rewrite_manifest(store, **fields):
     """A crafted manifest: the fields changed, its own checksum made to match."""
     manifest = {**manifest_of(store), **fields}
@@ -63,6 +68,8 @@ def test_each_codec_gives_identical_answers_after_save_and_load(model, tmp_path,
     memory.save(tmp_path / "store")
     loaded = knnmem.Memory.load(tmp_path / "store", model=model)
     assert loaded.codec == memory.codec and loaded.options() == memory.options()
+    for kept, reloaded in zip(memory.entries(1).exact_values(), loaded.entries(1).exact_values()):
+        assert torch.equal(kept, reloaded)  # values kept exactly beside PQ codes (none for the others)
     assert torch.equal(read(model, loaded, query), expected)
     dense = filled(model, "dense")
     error = (expected - read(model, dense, query)).norm() / read(model, dense, query).norm()
@@ -77,12 +84,17 @@ def test_compression_shrinks_the_store_and_info_reports_it(model, tmp_path, caps
         out = capsys.readouterr().out
         assert f"codec: {codec}" in out
         assert " per token)" in out
+        assert ("kept exactly: layer 1: " in out) == codec.endswith("pq2x4")
         sizes[codec] = int(out.split("bytes on disk:")[1].split()[0].replace(",", ""))
     # Per token, layer and head, keys and values of 8 dimensions take 32 bytes each as float32, 10 as int8 and
-    # 2 as pq2x4 codes; the codebooks take 16 centroids of 8 float32 numbers per layer and head.
+    # 2 as pq2x4 codes; the codebooks take 16 centroids of 8 float32 numbers per layer and head, the error bounds one
+    # float32 number; the values kept exactly 8 float32 numbers and their (head, id).
     tokens = sum(map(len, documents()))
     assert sizes["float32"] - sizes["int8"] == tokens * 2 * 4 * 2 * (32 - 10)
-    assert sizes["int8"] - sizes["int8/pq2x4"] == tokens * 2 * 4 * (10 - 2) - 2 * 4 * 16 * 8 * 4
+    exact = sum(manifest_of(tmp_path / "int8_pq2x4")["exact_values"].values())
+    assert 0 < exact < 0.01 * tokens * 2 * 4
+    assert sizes["int8"] - sizes["int8/pq2x4"] == (tokens * 2 * 4 * (10 - 2) - 2 * 4 * (16 * 8 + 1) * 4
+                                                   - exact * (32 + 16))
 
 
 def test_stores_without_a_codec_open_as_the_cast_of_their_dtype(model, tmp_path):
@@ -116,13 +128,14 @@ def test_codebook_that_does_not_fit_its_codec_or_codes_is_refused_naming_the_fil
     name = "layer1.values-codebook.bin"
     shapes = manifest_of(pq_store)["codec_arrays"]
     rewrite_manifest(pq_store, codec_arrays={**shapes, name: [4, 4, 16, 2]})  # the numbers of another codec
-    with pytest.raises(knnmem.StoreError, match=rf"{name}: the pq2x4 codebook is \(4, 4, 16, 2\) torch.float32"):
+    with pytest.raises(knnmem.StoreError, match=rf"{name}, \S+error_bound.bin: the pq2x4 codebook is \(4, 4, 16, 2\) torch.float32"):
         knnmem.Memory.load(pq_store, model=model)
     rewrite_manifest(pq_store, codec_arrays={**shapes, name: [4, 2, 16, 5]})
     with pytest.raises(knnmem.StoreError, match=rf"manifest.json: lists {name} with 2048 bytes"):
         knnmem.Memory.load(pq_store, model=model)
     # A codebook of 4 sub-vectors (same numbers) over codes of 2: the codes file has the wrong width.
-    rewrite_manifest(pq_store, codec="int8/pq4x4", codec_arrays={n: [4, 4, 16, 2] for n in shapes})
+    rewrite_manifest(pq_store, codec="int8/pq4x4",
+                     codec_arrays={**shapes, **{n: [4, 4, 16, 2] for n in shapes if n.endswith("codebook.bin")}})
     with pytest.raises(knnmem.StoreError, match=r"layer1.values.bin: 6,640 bytes, but codec pq4x4 \(trained\)"):
         knnmem.Memory.load(pq_store, model=model)
     manifest = manifest_of(pq_store)
@@ -130,6 +143,45 @@ def test_codebook_that_does_not_fit_its_codec_or_codes_is_refused_naming_the_fil
     bad.write_bytes(bytes(len(bad.read_bytes())))
     with pytest.raises(knnmem.StoreError, match="layer2.values-codebook.bin: contents do not match the checksum"):
         knnmem.Memory.load(pq_store, model=model)  # small files are always hashed
+
+
+def test_values_kept_exactly_are_checked_on_open_and_stores_written_before_them_read_codes(model, pq_store):
+    manifest = manifest_of(pq_store)
+    data, count = pq_store / manifest["generation"], manifest["exact_values"]["1"]
+    ids_file = data / "layer1.exact-value-ids.bin"
+    original = ids_file.read_bytes()
+    query = torch.randint(1, 96, (1, 12))
+    expected = read(model, knnmem.Memory.load(pq_store, model=model), query)
+
+    def craft(where, counts=manifest["exact_values"]):  # (head, id) pairs rewritten, the manifest made to match them
+        ids_file.write_bytes(where.numpy().tobytes())
+        files = {**manifest["files"], ids_file.name: {"bytes": ids_file.stat().st_size, "sha256": sha256(ids_file)}}
+        rewrite_manifest(pq_store, files=files, exact_values=counts)
+
+    where = torch.frombuffer(bytearray(original), dtype=torch.int64).view(count, 2)
+    for bad, problem in ((torch.tensor([4, 0]), "outside the 4 heads and 830 entries"),
+                         (torch.tensor([0, 830]), "outside the 4 heads and 830 entries"),
+                         (where[0], "out of order or repeated")):
+        craft(torch.cat([where[:-1], bad[None]]) if count > 1 else bad[None])
+        with pytest.raises(knnmem.StoreError, match=rf"layer1.exact-value-ids.bin: holds \(head, id\) pairs {problem}"):
+            knnmem.Memory.load(pq_store, model=model)
+    craft(where, {**manifest["exact_values"], "1": count + 1})
+    with pytest.raises(knnmem.StoreError, match=rf"manifest.json: lists layer1.exact-values?(-ids)?.bin with"):
+        knnmem.Memory.load(pq_store, model=model)
+    craft(where)
+    assert torch.equal(read(model, knnmem.Memory.load(pq_store, model=model), query), expected)
+
+    # As written before values were kept exactly: a codebook alone, no error bound, no exact values.
+    old = {key: value for key, value in manifest.items() if key != "exact_values"}
+    old["codec_arrays"] = {n: v for n, v in manifest["codec_arrays"].items() if "error_bound" not in n}
+    old["files"] = {n: v for n, v in manifest["files"].items() if "exact-value" not in n and "error_bound" not in n}
+    old["checksum"] = checksum(old)
+    (pq_store / "manifest.json").write_text(json.dumps(old))
+    loaded = knnmem.Memory.load(pq_store, model=model)
+    assert not len(loaded.entries(1).exact_values()[0]) and loaded.entries(1).value_codec.poorly_coded(
+        torch.zeros(1, 4, 1, 8), torch.zeros(1, 4, 1, 2, dtype=torch.uint8)) is None
+    answer = read(model, loaded, query)
+    assert not torch.equal(answer, expected) and (answer - expected).norm() < 0.5 * expected.norm()
 
 
 def test_without_keys_the_store_is_smaller_and_refuses_exact_search_and_reindexing(model, tmp_path):
