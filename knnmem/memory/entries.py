@@ -11,7 +11,7 @@ from typing import Iterator
 
 import torch
 
-from .codecs import CastCodec, Codec
+from .codecs import RECONSTRUCTION_SHARE, CastCodec, Codec
 
 # An exactly kept value is found by one int64 key: its row and head above these bits, its id below them.
 _ID_BITS = 40
@@ -46,6 +46,7 @@ class EntryStore:
         self._keys = self._values = self._valid = None
         # Values kept exactly: sorted keys (row * H + head) << _ID_BITS | id, and the vectors (n, D) in that order.
         self._exact_keys, self._exact = torch.zeros(0, dtype=torch.long), None
+        self._exact_errors: torch.Tensor | None = None  # (n,) of each: the worst coded share is kept
         self._size = 0
         self._key_start = 0  # ids below it have no key held (see `drop_keys`)
 
@@ -111,7 +112,7 @@ class EntryStore:
         if exact is not None and len(exact[0]):
             where, vectors = exact
             self._exact_keys = ((where[:, 0] * self.num_heads + where[:, 1]) << _ID_BITS | where[:, 2]).to(values.device)
-            self._exact = vectors.to(values.device)
+            self._exact, self._exact_errors = vectors.to(values.device), None
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> range:
         """Append keys/values (B, H, T, D) and valid (B, T); returns the ids given to them."""
@@ -145,23 +146,48 @@ class EntryStore:
         self._keep_exact(values, self._values, self.valid, 0)
 
     def _keep_exact(self, values: torch.Tensor, stored: torch.Tensor, valid: torch.Tensor, start: int) -> None:
-        """Keep exactly the valid values (B, H, T, D) of ids `start`... whose codes `stored` reconstruct them too badly."""
+        """Keep exactly the valid values (B, H, T, D) of ids `start`... whose codes `stored` reconstruct them too badly:
+        of those and the ones kept before, the worst coded `RECONSTRUCTION_SHARE` of each row and head."""
         poor = self.value_codec.poorly_coded(values, stored)
         if poor is None:
             return
         rows, heads, offsets = (poor & valid[:, None, :].cpu()).nonzero(as_tuple=True)
         if not len(rows):
             return
-        device = self._values.device
+        device, dtype = self._values.device, self.value_codec.out_dtype
         keys = ((rows * self.num_heads + heads) << _ID_BITS | (start + offsets)).to(device)
-        vectors = values.detach()[rows.to(values.device), heads.to(values.device), offsets.to(values.device)]
-        self._set_exact(torch.cat([self._exact_keys.to(device), keys]),
-                        torch.cat([self._exact, vectors.to(self.value_codec.out_dtype)]) if self._exact is not None
-                        else vectors.to(self.value_codec.out_dtype))
+        at = rows.to(values.device), heads.to(values.device), offsets.to(values.device)
+        vectors = values.detach()[at].to(dtype)
+        errors = self._coding_errors(stored[at], vectors, heads.to(device))
+        if self._exact is not None:
+            if self._exact_errors is None:  # attached from a store: measured again from the codes
+                where = self.exact_values()[0].to(device)
+                self._exact_errors = self._coding_errors(self._values[where.unbind(1)], self._exact, where[:, 1])
+            keys, vectors = torch.cat([self._exact_keys.to(device), keys]), torch.cat([self._exact, vectors])
+            errors = torch.cat([self._exact_errors, errors])
+        # What follows the codec's training values may be coded worse throughout (other text): the share stays that
+        # of the training values, and the worst coded are kept.
+        planes = keys >> _ID_BITS
+        order = errors.argsort(descending=True, stable=True)
+        order = order[planes[order].argsort(stable=True)]  # by row and head, the worst coded first in each
+        ranked = planes[order]
+        rank = torch.arange(len(order), device=device) - torch.searchsorted(ranked, ranked)
+        caps = (self.valid.sum(1).to(device) * RECONSTRUCTION_SHARE).ceil().long()  # (B,)
+        kept = order[rank < caps[ranked // self.num_heads]]
+        self._set_exact(keys[kept], vectors[kept], errors[kept])
 
-    def _set_exact(self, keys: torch.Tensor, vectors: torch.Tensor) -> None:
+    def _coding_errors(self, stored: torch.Tensor, vectors: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """(n,) squared distances from `vectors` (n, D) of `heads` (n,) to what their codes `stored` (n, W) decode to."""
+        decoded = torch.empty_like(vectors, dtype=torch.float32)
+        for head in heads.unique().tolist():
+            at = heads == head
+            decoded[at] = self.value_codec.decode(stored[at][None, None], slice(head, head + 1))[0, 0].float()
+        return (decoded - vectors.float()).square().sum(-1)
+
+    def _set_exact(self, keys: torch.Tensor, vectors: torch.Tensor, errors: torch.Tensor | None) -> None:
         order = keys.argsort()
         self._exact_keys, self._exact = keys[order], vectors[order]
+        self._exact_errors = None if errors is None else errors[order]
 
     def _with_exact(self, values: torch.Tensor, heads: slice, start: int) -> torch.Tensor:
         """Decoded values (B, h, N, D) of `heads` and ids `start`... with those kept exactly put in place of their codes."""
@@ -252,4 +278,5 @@ class EntryStore:
             picked = [(new, (old_rows == old).nonzero()[:, 0]) for new, old in enumerate(rows.tolist())]
             keys = [((new * self.num_heads + heads[at]) << _ID_BITS) | (self._exact_keys[at] & _ID_MASK)
                     for new, at in picked]
-            self._set_exact(torch.cat(keys), torch.cat([self._exact[at] for _, at in picked]))
+            errors = None if self._exact_errors is None else torch.cat([self._exact_errors[at] for _, at in picked])
+            self._set_exact(torch.cat(keys), torch.cat([self._exact[at] for _, at in picked]), errors)

@@ -268,6 +268,7 @@ class FaissBackend:
         self._radii: list[list[float | None]] = []  # [row][head]: farthest training entry from its IVF centroid
         self._errors: list[list[float | None]] = []  # [row][head]: reconstruction error bound (RECONSTRUCTION_SHARE)
         self._outliers: list[list[np.ndarray]] = []  # [row][head]: ids of entries beyond the radius or that bound
+        self._outlier_errors: list[list[np.ndarray]] = []  # [row][head]: their code errors, NaN beyond the radius
         self._outlier_keys: list[list[faiss.Index]] = []  # [row][head]: their keys as indexed, without keep_keys
         self._pending: Callable[[], tuple] | None = None
         self._source: str | None = None  # where imported indexes came from
@@ -300,6 +301,7 @@ class FaissBackend:
 
     def reset(self) -> None:
         self._rows, self._bounds, self._radii, self._errors, self._outliers, self._outlier_keys = [], [], [], [], [], []
+        self._outlier_errors = []
         self._pending = None
 
     def close(self) -> None:
@@ -336,6 +338,7 @@ class FaissBackend:
             self._radii.append([None] * heads)
             self._errors.append([None] * heads)
             self._outliers.append([np.zeros(0, dtype=np.int64) for _ in range(heads)])
+            self._outlier_errors.append([np.zeros(0, dtype=np.float32) for _ in range(heads)])
             self._outlier_keys.append([faiss.IndexFlatIP(self._index_dim) for _ in range(heads)])
         keys = self.entries.keys_of(ids).detach().float().cpu()  # (B, H, T, D) as stored
         valid = self.entries.valid[:, ids.start : ids.stop].cpu()
@@ -367,7 +370,7 @@ class FaissBackend:
             if errors is not None and not self.entries.keep_keys:  # stored keys would rescore them anyway
                 self._errors[b][h] = float(np.quantile(errors, 1 - RECONSTRUCTION_SHARE))
                 worst = errors > self._errors[b][h]
-                self._track(b, h, row_ids[worst], reduced[worst])
+                self._track(b, h, row_ids[worst], reduced[worst], errors[worst])
 
         _parallel(train, range(len(self._rows[b])))
 
@@ -397,12 +400,13 @@ class FaissBackend:
             return None, None
         reduced = self._index_vectors(b, h, keys)
         distances, errors = _add_with_ids(self._rows[b][h], reduced, ids)
-        beyond = np.zeros(len(ids), dtype=bool)
+        far = np.zeros(len(ids), dtype=bool)
         if self._radii[b][h] is not None and distances is not None:
-            beyond |= distances > self._radii[b][h]
+            far = distances > self._radii[b][h]
+        self._track(b, h, ids[far], reduced[far])
         if self._errors[b][h] is not None and errors is not None:
-            beyond |= errors > self._errors[b][h]
-        self._track(b, h, ids[beyond], reduced[beyond])
+            poor = ~far & (errors > self._errors[b][h])
+            self._track(b, h, ids[poor], reduced[poor], errors[poor])
         tracked, total = len(self._outliers[b][h]), self._rows[b][h].ntotal
         if tracked > max(OUTLIER_WARNING_SHARE * total, OUTLIER_WARNING_MIN) and not self._warned_outliers:
             self._warned_outliers = True
@@ -414,13 +418,30 @@ class FaissBackend:
                 "memory with representative text, or raise train_size.")
         return distances, errors
 
-    def _track(self, b: int, h: int, ids: np.ndarray, reduced: np.ndarray) -> None:
-        """Search entries `ids` (vectors `reduced` as indexed) exactly beside the lists; their keys too, if not stored."""
+    def _track(self, b: int, h: int, ids: np.ndarray, reduced: np.ndarray, errors: np.ndarray | None = None) -> None:
+        """Search entries `ids` (vectors `reduced` as indexed) exactly beside the lists; their keys too, if not stored.
+        With their code `errors`, only the worst coded RECONSTRUCTION_SHARE of the head's entries stay tracked."""
         if not len(ids):
             return
+        errors = np.full(len(ids), np.nan, dtype=np.float32) if errors is None else errors.astype(np.float32)
         self._outliers[b][h] = np.concatenate([self._outliers[b][h], ids])
+        self._outlier_errors[b][h] = np.concatenate([self._outlier_errors[b][h], errors])
         if not self.entries.keep_keys:
             self._outlier_keys[b][h].add(np.ascontiguousarray(reduced))
+        errors = self._outlier_errors[b][h]
+        by_error = np.flatnonzero(~np.isnan(errors))
+        excess = len(by_error) - math.ceil(RECONSTRUCTION_SHARE * self._rows[b][h].ntotal)
+        if excess <= 0:
+            return
+        # What follows the training entries may be coded worse throughout (other text): the share stays that of the
+        # training entries, the worst coded are kept, and the bound rises past those let go (they keep their codes).
+        drop = by_error[np.argsort(errors[by_error], kind="stable")[:excess]]
+        self._errors[b][h] = max(self._errors[b][h], float(errors[drop].max()))
+        kept = np.ones(len(errors), dtype=bool)
+        kept[drop] = False
+        self._outliers[b][h], self._outlier_errors[b][h] = self._outliers[b][h][kept], errors[kept]
+        if not self.entries.keep_keys:
+            self._outlier_keys[b][h].remove_ids(faiss.IDSelectorBatch(drop.astype(np.int64)))
 
     def search(self, queries: torch.Tensor, heads: slice) -> MemoryHits:
         batch, num_heads, num_queries, _ = queries.shape
@@ -519,7 +540,7 @@ class FaissBackend:
     def export_state(self) -> tuple[dict, dict]:
         """Per head: a CPU copy of its index (named `head<h>.faiss`), and the L2-reduction bound and
         IVF outliers ({"radius": training radius or None, "error_bound": reconstruction error bound or None,
-        "ids": ids searched exactly}) as metadata.
+        "ids": ids searched exactly, "errors": the code error of each, None for those beyond the radius}) as metadata.
         A store holds one row."""
         if not len(self.entries) or not self._rows:
             return {}, {}
@@ -528,8 +549,10 @@ class FaissBackend:
         indexes = {f"head{h}.faiss": _to_cpu(index) for h, index in enumerate(self._rows[0])}
         if not self.entries.keep_keys:
             indexes.update({f"head{h}.outliers.faiss": index for h, index in enumerate(self._outlier_keys[0])})
-        outliers = [{"radius": radius, "error_bound": bound, "ids": ids.tolist()}
-                    for radius, bound, ids in zip(self._radii[0], self._errors[0], self._outliers[0])]
+        outliers = [{"radius": radius, "error_bound": bound, "ids": ids.tolist(),
+                     "errors": [None if np.isnan(e) else float(e) for e in errors]}
+                    for radius, bound, ids, errors in zip(self._radii[0], self._errors[0], self._outliers[0],
+                                                          self._outlier_errors[0])]
         return indexes, {"l2_bounds": list(self._bounds[0]), "ivf_outliers": outliers}
 
     def import_state(self, load: Callable[[], tuple[dict, dict]], source: str | None = None) -> None:
@@ -550,6 +573,7 @@ class FaissBackend:
         self._radii = [[head["radius"] for head in row] for row in outliers]
         self._errors = [[head.get("error_bound") for head in row] for row in outliers]
         self._outliers = [[np.asarray(head["ids"], dtype=np.int64) for head in row] for row in outliers]
+        self._outlier_errors = [[_outlier_errors(head) for head in row] for row in outliers]
         self._outlier_keys = outlier_keys
         for row in self._rows:
             for index in row:
@@ -561,6 +585,7 @@ class FaissBackend:
         self._radii = [list(self._radii[i]) for i in rows.tolist()]
         self._errors = [list(self._errors[i]) for i in rows.tolist()]
         self._outliers = [list(self._outliers[i]) for i in rows.tolist()]
+        self._outlier_errors = [list(self._outlier_errors[i]) for i in rows.tolist()]
         self._outlier_keys = [_clone_row(self._outlier_keys[i]) for i in rows.tolist()]
 
 
@@ -580,6 +605,13 @@ def _unpack_state(indexes: dict, metadata: dict, heads: int) -> tuple[list, list
             raise ValueError(f"the outlier keys of head {h} hold {keys.ntotal} entries, its outlier list {len(head['ids'])}")
         outlier_keys.append(faiss.IndexFlatIP(dim) if keys is None else keys)
     return [row], [list(metadata["l2_bounds"])], [outliers], [outlier_keys]
+
+
+def _outlier_errors(head: dict) -> np.ndarray:
+    """The code error of each outlier in the metadata of one head, NaN where none is recorded (beyond the radius, or
+    written before tracked entries gave way to worse coded ones: those all stay tracked)."""
+    errors = head.get("errors", [None] * len(head["ids"]))
+    return np.array([np.nan if error is None else error for error in errors], dtype=np.float32)
 
 
 def _repeats(ids: torch.Tensor, k: int) -> torch.Tensor:

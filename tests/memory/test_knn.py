@@ -333,6 +333,34 @@ def test_entries_the_codes_reconstruct_worst_are_scored_exactly_without_stored_k
     assert (coded - exact).abs().max() > 1e-2
 
 
+def test_entries_coded_worse_than_the_training_ones_keep_the_share_tracked_the_worst_coded():
+    # Trained on keys of little variance in their last 4 coordinates, the codes miss entries that vary there; of
+    # those, only the worst coded 0.1% of all entries stay tracked, and the bound rises past those let go.
+    torch.manual_seed(0)
+    scale = torch.tensor([1.0] * 4 + [0.05] * 4)
+    train = torch.randn(1, 1, 1000, 8) * scale
+    later = torch.randn(1, 1, 1000, 8) * scale.flip(0)  # as long, but varying in the last 4 coordinates
+    memory = knnmem.Memory(layers=[0], num_heads=1, head_dim=8, dtype=torch.float32, index="IVF2,PQ2x4",
+                           k=8, train_size=1000, nprobe=2, keep_keys=False)
+    memory.add(0, train, train, torch.ones(1, 1000, dtype=torch.bool))
+    backend = memory.backend(0)
+    bound = backend._errors[0][0]
+    memory.add(0, later, later, torch.ones(1, 1000, dtype=torch.bool))
+    index = inner_index(backend._rows[0][0])
+    reduced = backend._index_vectors(0, 0, torch.cat([train, later], 2)[0, 0].numpy())
+    errors = ((reduced - index.sa_decode(index.sa_encode(reduced))) ** 2).sum(1)
+    assert (errors[1000:] > bound).sum() > 100  # hundreds of later entries are coded worse than the bound
+    state = backend.export_state()[1]["ivf_outliers"][0]
+    by_error = [i for i, e in zip(state["ids"], state["errors"]) if e is not None]
+    assert sorted(by_error) == sorted(np.argsort(errors)[-2:].tolist())  # 0.1% of 2,000: the 2 worst
+    assert state["error_bound"] >= np.sort(errors)[-3] * (1 - 1e-5) and len(state["ids"]) < 10
+    assert backend._outlier_keys[0][0].ntotal == len(state["ids"])
+    worst = int(errors.argmax())
+    hits = memory.search(0, torch.cat([train, later], 2)[0, 0, worst][None, None, None], slice(0, 1))
+    score = hits.scores.flatten()[hits.ids.flatten() == worst]  # its exact key kept, the others' let go
+    assert_close(score, (torch.cat([train, later], 2)[0, 0, worst] ** 2).sum()[None], rtol=1e-5, atol=1e-5)
+
+
 def test_entries_under_a_pre_transform_are_checked_for_outliers_as_its_lists_see_them():
     torch.manual_seed(0)
     keys = torch.randn(1, 1, 300, 8)
