@@ -197,8 +197,7 @@ class EntryStore:
         planes, ids = self._exact_keys >> _ID_BITS, (self._exact_keys & _ID_MASK) - start
         rows, local = planes // self.num_heads, planes % self.num_heads - first
         inside = (local >= 0) & (local < values.shape[1]) & (ids >= 0) & (ids < values.shape[2])
-        if inside.any():
-            values = values.clone()
+        if inside.any():  # in place: codecs that keep values exactly decode to new tensors, never to their storage
             values[rows[inside], local[inside], ids[inside]] = self._exact[inside].to(values.dtype)
         return values
 

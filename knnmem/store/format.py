@@ -15,9 +15,9 @@ Layout of a store directory (documented for users in `indexes/README.md`):
         layer<L>.head<h>.faiss one Faiss index per head (Faiss specs only)
         layer<L>.head<h>.outliers.faiss  keys of the IVF outliers, when keys are not kept
         valid.bin              (M,) uint8: 1 for entries that may receive attention
-        provenance.bin         (M,) int32 token ids, documents and positions following from the documents'
-                               entry ranges (manifest "provenance": "token_ids"); else (M, 3) int64:
-                               document id, token position, token id
+        provenance.bin         (M,) uint16 token ids (65535: none) or int32 ones, documents and positions
+                               following from the documents' entry ranges (manifest "provenance":
+                               "token_ids16" or "token_ids"); else (M, 3) int64: document id, token position, token id
 
 `write_store` takes the write lock, writes a new generation directory, then atomically replaces
 `manifest.json`, then deletes older generations. A process killed at any point leaves the previous
@@ -52,7 +52,8 @@ from .manifest import (FORMAT_VERSION, GENERATION, MANIFEST, SHARD, StoreError, 
                        read_manifest)
 
 LOCK = "write.lock"
-_DATA_FILE = re.compile(r"layer\d+\.(keys|values)(-\w+)?\.bin|layer\d+\.head\d+(\.outliers)?\.faiss|valid\.bin|provenance\.bin")
+_DATA_FILE = re.compile(r"layer\d+\.(keys|values)(-\w+)?\.bin|layer\d+\.exact-value(s|-ids)\.bin|"
+                        r"layer\d+\.head\d+(\.outliers)?\.faiss|valid\.bin|provenance\.bin")
 _TEMPORARY = re.compile(rf"{re.escape(MANIFEST)}\.(data|shards)-[0-9a-f]{{12}}\.tmp")
 # Files up to this size are hashed on every open; larger ones by size and a sample of blocks (first,
 # last and evenly spread: truncation, appended bytes and overwritten headers show), so that opening a

@@ -22,6 +22,7 @@ from pathlib import Path
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 GENERATION = re.compile(r"data-[0-9a-f]{12}")
+NO_TOKEN16 = 0xFFFF  # the token id of entries written by no document, in uint16 provenance
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _EXACT_SPECS = ("dense", "torch")  # backends without index files (see knnmem.memory.backends)
@@ -153,7 +154,8 @@ def check_manifest(manifest: dict, file: Path) -> None:
         and 0 <= d["start"] <= d["end"] <= entries for d in v),
         f"a list of documents {{id, name, start, end}} within the {entries} entries")
     if "provenance" in manifest:  # absent where provenance.bin holds (document, position, token id) as int64
-        need("provenance", str, lambda v: v == "token_ids", "'token_ids' (int32 token ids, one per entry)")
+        need("provenance", str, lambda v: v in ("token_ids", "token_ids16"),
+             "'token_ids' or 'token_ids16' (int32 or uint16 token ids, one per entry)")
     if "codec" in manifest:  # absent in stores written before codecs: the cast codec of `dtype`
         need("codec", str, str.strip, "a codec spec such as int8 or int8/pq8")
     shapes = manifest.get("codec_arrays", {})
@@ -187,7 +189,7 @@ def data_files(manifest: dict) -> tuple[dict[str, int | None], set[str]]:
     codec = manifest.get("codec", manifest["dtype"])  # a cast codec stores its dtype's bytes
     array = entries * heads * dim * _ITEMSIZE[codec] if codec in _ITEMSIZE else None
     keep_keys = manifest["options"].get("keep_keys", True) is not False
-    provenance = entries * 4 if manifest.get("provenance") == "token_ids" else entries * 3 * 8
+    provenance = {"token_ids": 4, "token_ids16": 2}.get(manifest.get("provenance"), 3 * 8) * entries
     files: dict[str, int | None] = {"valid.bin": entries, "provenance.bin": provenance}
     files |= {name: 4 * math.prod(shape) for name, shape in manifest.get("codec_arrays", {}).items()}  # float32
     for layer, count in manifest.get("exact_values", {}).items():  # (head, id) as int64, vectors of the dtype

@@ -19,6 +19,7 @@ from ..memory.manager import Document, Memory
 from ..memory.sharded import LocalShards, ShardedMemory
 from . import format as fmt
 from . import shards as sharding
+from .manifest import NO_TOKEN16
 
 
 def save_memory(memory: Memory, path: str | Path | None = None, *, include_overlay: bool = False) -> None:
@@ -66,12 +67,17 @@ def save_memory(memory: Memory, path: str | Path | None = None, *, include_overl
     # entry instead of 24).
     tokens_only = torch.equal(provenance[:, :2], _document_positions(memory.documents, size, torch.long)) and (
         not size or int(provenance[:, 2].max()) <= torch.iinfo(torch.int32).max)
-    arrays["provenance.bin"] = provenance[:, 2].int().contiguous() if tokens_only else provenance
+    # Most vocabularies fit 16 bits: token ids as uint16, NO_TOKEN16 for entries of no document (-1).
+    narrow = tokens_only and (not size or int(provenance[:, 2].max()) < NO_TOKEN16)
+    if narrow:
+        arrays["provenance.bin"] = provenance[:, 2].int().where(provenance[:, 2] >= 0, NO_TOKEN16).to(torch.uint16)
+    else:
+        arrays["provenance.bin"] = provenance[:, 2].int().contiguous() if tokens_only else provenance
     manifest = dict(
         fingerprint=memory.fingerprint, layers=list(memory.layers), num_heads=memory.num_heads,
         head_dim=memory.head_dim, dtype=str(memory.dtype).removeprefix("torch."), codec=memory.codec,
         codec_arrays=codec_arrays, exact_values=exact_values,
-        index=memory.index, k=memory.k, **({"provenance": "token_ids"} if tokens_only else {}),
+        index=memory.index, k=memory.k, **({"provenance": "token_ids16" if narrow else "token_ids"} if tokens_only else {}),
         options=memory.options(), l2_bounds=bounds, ivf_outliers=outliers, entries=size,
         documents=[d._asdict() for d in memory.documents],
     )
@@ -212,10 +218,17 @@ def _open_memory(path: Path, manifest: dict, handles: dict, config, device: torc
             for f in opened.values():
                 memory.on_close(f.close)
     memory.documents = [Document(**d) for d in manifest["documents"]]
-    if manifest.get("provenance") == "token_ids":  # else (entries, 3) int64, as stores written before it hold
-        tokens = fmt.map_array(handles["provenance.bin"], (size, 1), torch.int32, writable)
+    if manifest.get("provenance") in ("token_ids", "token_ids16"):  # else (entries, 3) int64, as older stores hold
+        narrow = manifest["provenance"] == "token_ids16"
+        tokens = fmt.map_array(handles["provenance.bin"], (size, 1), torch.uint16 if narrow else torch.int32, writable)
         documents = list(memory.documents)  # as stored: documents added later have provenance of their own
-        memory.defer_provenance(lambda: torch.cat([_document_positions(documents, size, torch.int32), tokens], dim=1))
+
+        def provenance() -> torch.Tensor:
+            ids = tokens.int()
+            ids = ids.where(ids != NO_TOKEN16, -1) if narrow else ids
+            return torch.cat([_document_positions(documents, size, torch.int32), ids], dim=1)
+
+        memory.defer_provenance(provenance)
     else:
         memory.provenance = fmt.map_array(handles["provenance.bin"], (size, 3), torch.int64, writable)
     return memory

@@ -71,6 +71,8 @@ def test_each_codec_gives_identical_answers_after_save_and_load(model, tmp_path,
     for kept, reloaded in zip(memory.entries(1).exact_values(), loaded.entries(1).exact_values()):
         assert torch.equal(kept, reloaded)  # values kept exactly beside PQ codes (none for the others)
     assert torch.equal(read(model, loaded, query), expected)
+    memory.save(tmp_path / "store")  # a new generation replaces the one holding every kind of file
+    assert len(list((tmp_path / "store").glob("data-*"))) == 1
     dense = filled(model, "dense")
     error = (expected - read(model, dense, query)).norm() / read(model, dense, query).norm()
     assert error < 0.5  # compressed, yet the same memory (the sharp random model magnifies every error)

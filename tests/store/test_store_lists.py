@@ -132,12 +132,17 @@ def test_provenance_stores_token_ids_only_when_documents_give_the_rest(model, tm
     assert len(memory) > documents
     memory.save(tmp_path / "store")
     manifest = manifest_of(tmp_path / "store")
-    assert manifest["provenance"] == "token_ids"
-    assert manifest["files"]["provenance.bin"]["bytes"] == len(memory) * 4
+    assert manifest["provenance"] == "token_ids16"  # the ids of a vocabulary of 96 fit 16 bits
+    assert manifest["files"]["provenance.bin"]["bytes"] == len(memory) * 2
     with knnmem.Memory.load(tmp_path / "store", model=model) as loaded:
         assert loaded._provenance_source is not None  # worked out on first use, not at open
         assert loaded.provenance.shape == (len(memory), 3) and (loaded.provenance[documents:] == -1).all()
         assert torch.equal(loaded.provenance[:documents].long(), memory.provenance)
+    memory.provenance[7, 2] = 70_000  # a token id beyond 16 bits: 32 a token
+    memory.save(tmp_path / "wide")
+    assert manifest_of(tmp_path / "wide")["provenance"] == "token_ids"
+    with knnmem.Memory.load(tmp_path / "wide", model=model) as loaded:
+        assert torch.equal(loaded.provenance.long(), torch.cat([memory.provenance, torch.full((len(memory) - documents, 3), -1)]))
     memory.provenance[5, 1] = 99  # a position the documents do not give: everything is stored
     memory.save(tmp_path / "other")
     assert "provenance" not in manifest_of(tmp_path / "other")
