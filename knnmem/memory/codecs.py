@@ -13,7 +13,7 @@ Three kinds, named by a codec spec (see `make_codecs`):
   codebooks are trained on them and every value is encoded. Keys are never product-quantized here:
   the index ranks by them, and an index holding PQ codes of keys is the way to compress those.
   Values its codes reconstruct worse than all but `RECONSTRUCTION_SHARE` of its training values
-  are kept exactly beside the codes (`poorly_coded`; the entry store holds them).
+  are kept exactly beside the codes (`error_bound`; the entry store holds them).
 
 Decoding returns the memory's dtype and happens only for the entries read (see `EntryStore.take`).
 """
@@ -42,6 +42,9 @@ class Codec(Protocol):
     name: str  # its spec, as recorded in a store's manifest
     dtype: torch.dtype  # of the encoded arrays
     out_dtype: torch.dtype  # of decoded vectors
+    # (H,) float32: a vector whose squared code error exceeds its head's is kept exactly beside its code (the entry
+    # store raises it past the vectors it lets go); None for codecs that keep none
+    error_bound: torch.Tensor | None
     train_size: int  # valid entries needed before `train`; 0 for codecs that need none
 
     @property
@@ -60,9 +63,9 @@ class Codec(Protocol):
     def decode(self, stored: torch.Tensor, heads: slice = slice(None)) -> torch.Tensor:
         """Stored tensors (B, h, N, W) of heads `heads` back as model tensors (B, h, N, D)."""
 
-    def poorly_coded(self, x: torch.Tensor, stored: torch.Tensor) -> torch.Tensor | None:
-        """(B, H, T) True where `stored` (B, H, T, W), the encoding of `x` (B, H, T, D), reconstructs it too badly
-        to be kept alone; None when every encoding is kept."""
+    def coding_errors(self, x: torch.Tensor, stored: torch.Tensor, heads: slice = slice(None)) -> torch.Tensor:
+        """(B, h, T) float32 squared distances from `x` (B, h, T, D) of `heads` to what their codes `stored` decode to
+        (for codecs with an `error_bound`)."""
 
     def state(self) -> dict[str, torch.Tensor]:
         """Trained parameters, named, for persistence ({} when there are none)."""
@@ -76,6 +79,7 @@ class CastCodec:
 
     train_size = 0
     trained = True
+    error_bound = None  # rounding to a dtype or to int8 with a scale per vector spares no vector in particular
 
     def __init__(self, dtype: torch.dtype):
         if dtype not in CAST_DTYPES.values():
@@ -94,9 +98,6 @@ class CastCodec:
 
     def decode(self, stored: torch.Tensor, heads: slice = slice(None)) -> torch.Tensor:
         return stored
-
-    def poorly_coded(self, x: torch.Tensor, stored: torch.Tensor) -> None:
-        return None  # rounding to a dtype or to int8 with a scale per vector spares no vector in particular
 
     def state(self) -> dict[str, torch.Tensor]:
         return {}
@@ -147,7 +148,7 @@ class ProductCodec:
         self.train_size = 39 * 2**bits  # Faiss's advice for k-means, as for IVF lists
         self._fallback = CastCodec(out_dtype)
         self._centroids: torch.Tensor | None = None  # (H, M, 2**bits, D / M) float32
-        self._bound: torch.Tensor | None = None  # (H,) float32: squared errors beyond it are kept exactly
+        self.error_bound: torch.Tensor | None = None  # set when trained (stores written before it have none)
         self._on_device: dict[torch.device, torch.Tensor] = {}  # the centroids where codes are decoded
 
     @property
@@ -182,17 +183,11 @@ class ProductCodec:
         shape = (self.num_heads, self.subvectors, 2**self.bits, self.head_dim // self.subvectors)
         self._centroids = torch.stack(centroids).view(shape)
         self._on_device = {}
-        errors = self._errors(x[None], self.encode(x[None]))[0]  # (H, N)
-        self._bound = torch.from_numpy(np.quantile(errors.numpy(), 1 - RECONSTRUCTION_SHARE, axis=1)).float()
+        errors = self.coding_errors(x[None], self.encode(x[None]))[0]  # (H, N)
+        self.error_bound = torch.from_numpy(np.quantile(errors.cpu().numpy(), 1 - RECONSTRUCTION_SHARE, axis=1)).float()
 
-    def _errors(self, x: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
-        """(B, H, T) squared distances from vectors `x` (B, H, T, D) to what their codes `stored` decode to."""
-        return (self._reconstruct(stored) - x.detach().to(stored.device).float()).square().sum(-1).cpu()
-
-    def poorly_coded(self, x: torch.Tensor, stored: torch.Tensor) -> torch.Tensor | None:
-        if self._bound is None:  # untrained, or trained by a knnmem that kept no vector exactly
-            return None
-        return self._errors(x, stored) > self._bound[None, :, None]
+    def coding_errors(self, x: torch.Tensor, stored: torch.Tensor, heads: slice = slice(None)) -> torch.Tensor:
+        return (self._reconstruct(stored, heads) - x.detach().to(stored.device).float()).square().sum(-1)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         if not self.trained:
@@ -227,7 +222,8 @@ class ProductCodec:
     def state(self) -> dict[str, torch.Tensor]:
         if not self.trained:
             return {}
-        return {"codebook": self._centroids, **({"error_bound": self._bound} if self._bound is not None else {})}
+        bound = {"error_bound": self.error_bound} if self.error_bound is not None else {}
+        return {"codebook": self._centroids, **bound}
 
     def load_state(self, arrays: dict[str, torch.Tensor]) -> None:
         # stores written before values were kept exactly have a codebook only
@@ -243,8 +239,8 @@ class ProductCodec:
         bound = arrays.get("error_bound")
         if bound is not None and (tuple(bound.shape) != (self.num_heads,) or not (bound.isfinite() & (bound >= 0)).all()):
             raise ValueError(f"the {self.name} error bound must be {self.num_heads} finite non-negative float32 numbers "
-                             f"(one a head), got {bound.tolist()} (corrupted)")
-        self._centroids, self._bound = codebook.contiguous(), bound
+                             f"(one a head), got {tuple(bound.shape)} numbers or non-finite or negative ones (corrupted)")
+        self._centroids, self.error_bound = codebook.contiguous(), bound
         self._on_device = {}
 
 

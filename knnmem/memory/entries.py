@@ -24,9 +24,9 @@ class EntryStore:
     Appending grows the arrays by doubling (amortised O(window) per append). When the new entries
     require grad (training through memory), appends are out of place so autograd keeps every window.
     A value codec that needs training (product quantization) is trained once `train_size` valid
-    entries exist, and every value stored so far is encoded then. Values the codec says its codes
-    reconstruct too badly (`Codec.poorly_coded`) are also kept exactly, in the memory's dtype, and read
-    in place of their codes.
+    entries exist, and every value stored so far is encoded then. Values its codes reconstruct worse
+    than the codec's `error_bound` are also kept exactly, in the memory's dtype, and read in place of
+    their codes.
 
     Args:
         codec: a dtype (cast codec), one codec for keys and values, or a (keys, values) pair.
@@ -44,9 +44,9 @@ class EntryStore:
 
     def reset(self) -> None:
         self._keys = self._values = self._valid = None
-        # Values kept exactly: sorted keys (row * H + head) << _ID_BITS | id, and the vectors (n, D) in that order.
-        self._exact_keys, self._exact = torch.zeros(0, dtype=torch.long), None
-        self._exact_errors: torch.Tensor | None = None  # (n,) of each: the worst coded share is kept
+        # Values kept exactly: sorted keys (row * H + head) << _ID_BITS | id, the vectors (n, D) in that order (None:
+        # none) and their code errors (None: not measured yet), by which the worst coded share is kept.
+        self._set_exact(torch.zeros(0, dtype=torch.long), None, None)
         self._size = 0
         self._key_start = 0  # ids below it have no key held (see `drop_keys`)
 
@@ -109,10 +109,9 @@ class EntryStore:
         self._keys, self._values, self._valid = keys, values, valid
         self._size = values.shape[2]
         self._key_start = 0 if keys is not None else self._size
-        if exact is not None and len(exact[0]):
-            where, vectors = exact
-            self._exact_keys = ((where[:, 0] * self.num_heads + where[:, 1]) << _ID_BITS | where[:, 2]).to(values.device)
-            self._exact, self._exact_errors = vectors.to(values.device), None
+        where, vectors = exact if exact is not None else (torch.zeros(0, 3, dtype=torch.long), None)
+        keys = (where[:, 0] * self.num_heads + where[:, 1]) << _ID_BITS | where[:, 2]
+        self._set_exact(keys.to(values.device), vectors.to(values.device) if len(keys) else None, None)
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> range:
         """Append keys/values (B, H, T, D) and valid (B, T); returns the ids given to them."""
@@ -146,25 +145,25 @@ class EntryStore:
         self._keep_exact(values, self._values, self.valid, 0)
 
     def _keep_exact(self, values: torch.Tensor, stored: torch.Tensor, valid: torch.Tensor, start: int) -> None:
-        """Keep exactly the valid values (B, H, T, D) of ids `start`... whose codes `stored` reconstruct them too badly:
-        of those and the ones kept before, the worst coded `RECONSTRUCTION_SHARE` of each row and head."""
-        poor = self.value_codec.poorly_coded(values, stored)
-        if poor is None:
+        """Keep exactly the valid values (B, H, T, D) of ids `start`... whose codes `stored` reconstruct them worse than
+        the codec's bound: of those and the ones kept before, the worst coded `RECONSTRUCTION_SHARE` of each row and
+        head; the bound rises past those let go."""
+        codec = self.value_codec
+        if codec.error_bound is None:
             return
-        rows, heads, offsets = (poor & valid[:, None, :].cpu()).nonzero(as_tuple=True)
+        errors = codec.coding_errors(values, stored)  # (B, H, T), on the device of the values
+        device = errors.device
+        poor = (errors > codec.error_bound.to(device)[None, :, None]) & valid[:, None, :].to(device)
+        rows, heads, offsets = poor.nonzero(as_tuple=True)
         if not len(rows):
             return
-        device, dtype = self._values.device, self.value_codec.out_dtype
-        keys = ((rows * self.num_heads + heads) << _ID_BITS | (start + offsets)).to(device)
-        at = rows.to(values.device), heads.to(values.device), offsets.to(values.device)
-        vectors = values.detach()[at].to(dtype)
-        errors = self._coding_errors(stored[at], vectors, heads.to(device))
+        keys = (rows * self.num_heads + heads) << _ID_BITS | (start + offsets)
+        vectors, errors = values.detach()[rows, heads, offsets].to(codec.out_dtype), errors[rows, heads, offsets]
         if self._exact is not None:
             if self._exact_errors is None:  # attached from a store: measured again from the codes
-                where = self.exact_values()[0].to(device)
-                self._exact_errors = self._coding_errors(self._values[where.unbind(1)], self._exact, where[:, 1])
-            keys, vectors = torch.cat([self._exact_keys.to(device), keys]), torch.cat([self._exact, vectors])
-            errors = torch.cat([self._exact_errors, errors])
+                self._exact_errors = self._exact_coding_errors()
+            keys, vectors = torch.cat([self._exact_keys.to(device), keys]), torch.cat([self._exact.to(device), vectors])
+            errors = torch.cat([self._exact_errors.to(device), errors])
         # What follows the codec's training values may be coded worse throughout (other text): the share stays that
         # of the training values, and the worst coded are kept.
         planes = keys >> _ID_BITS
@@ -173,21 +172,29 @@ class EntryStore:
         ranked = planes[order]
         rank = torch.arange(len(order), device=device) - torch.searchsorted(ranked, ranked)
         caps = (self.valid.sum(1).to(device) * RECONSTRUCTION_SHARE).ceil().long()  # (B,)
-        kept = order[rank < caps[ranked // self.num_heads]]
+        within = rank < caps[ranked // self.num_heads]
+        kept, dropped = order[within], order[~within]
+        if len(dropped):  # else a later, better coded value could take the place of one let go
+            raised = torch.zeros(self.num_heads).scatter_reduce(
+                0, (planes[dropped] % self.num_heads).cpu(), errors[dropped].float().cpu(), "amax")
+            codec.error_bound = torch.maximum(codec.error_bound, raised)
         self._set_exact(keys[kept], vectors[kept], errors[kept])
 
-    def _coding_errors(self, stored: torch.Tensor, vectors: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-        """(n,) squared distances from `vectors` (n, D) of `heads` (n,) to what their codes `stored` (n, W) decode to."""
-        decoded = torch.empty_like(vectors, dtype=torch.float32)
-        for head in heads.unique().tolist():
-            at = heads == head
-            decoded[at] = self.value_codec.decode(stored[at][None, None], slice(head, head + 1))[0, 0].float()
-        return (decoded - vectors.float()).square().sum(-1)
+    def _exact_coding_errors(self) -> torch.Tensor:
+        """(n,) the squared code errors of the values kept exactly, from their codes."""
+        where, errors = self.exact_values()[0].to(self._exact.device), torch.empty(len(self._exact), device=self._exact.device)
+        for head in where[:, 1].unique().tolist():
+            at = where[:, 1] == head
+            codes = self._values[where[at, 0], head, where[at, 2]]  # (m, W)
+            errors[at] = self.value_codec.coding_errors(self._exact[at][None, None], codes[None, None],
+                                                        slice(head, head + 1))[0, 0]
+        return errors
 
-    def _set_exact(self, keys: torch.Tensor, vectors: torch.Tensor, errors: torch.Tensor | None) -> None:
+    def _set_exact(self, keys: torch.Tensor, vectors: torch.Tensor | None, errors: torch.Tensor | None) -> None:
         order = keys.argsort()
-        self._exact_keys, self._exact = keys[order], vectors[order]
-        self._exact_errors = None if errors is None else errors[order]
+        self._exact_keys = keys[order]
+        self._exact = vectors[order] if len(keys) else None  # `take` and `values` test for None
+        self._exact_errors = errors[order] if errors is not None and len(keys) else None
 
     def _with_exact(self, values: torch.Tensor, heads: slice, start: int) -> torch.Tensor:
         """Decoded values (B, h, N, D) of `heads` and ids `start`... with those kept exactly put in place of their codes."""

@@ -144,10 +144,11 @@ def check_manifest(manifest: dict, file: Path) -> None:
             isinstance(h, dict) and all(h.get(bound) is None or _is(h[bound], float) for bound in ("radius", "error_bound"))
             and isinstance(h.get("ids"), list) and in_range(h["ids"])
             and (isinstance(h.get("errors", []), list) and len(h.get("errors", h["ids"])) == len(h["ids"])
-                 and all(e is None or _is(e, float) and e >= 0 for e in h.get("errors", [])))
+                 and all(e is None or _is(e, float) and e >= 0 and h.get("error_bound") is not None
+                         for e in h.get("errors", [])))
             for h in v),
             f"a list of {heads} objects {{radius, error_bound, ids, errors}} with ids below {entries} and an error "
-            "(a number or null) for each", within=outliers)
+            "for each (null, or a number under an error bound)", within=outliers)
     need("documents", list, lambda v: all(
         isinstance(d, dict) and d.keys() == {"id", "name", "start", "end"} and _is(d["id"], int)
         and isinstance(d["name"], str) and _is(d["start"], int) and _is(d["end"], int)

@@ -68,7 +68,7 @@ def save_memory(memory: Memory, path: str | Path | None = None, *, include_overl
     tokens_only = torch.equal(provenance[:, :2], _document_positions(memory.documents, size, torch.long)) and (
         not size or int(provenance[:, 2].max()) <= torch.iinfo(torch.int32).max)
     # Most vocabularies fit 16 bits: token ids as uint16, NO_TOKEN16 for entries of no document (-1).
-    narrow = tokens_only and (not size or int(provenance[:, 2].max()) < NO_TOKEN16)
+    narrow = tokens_only and (not size or -1 <= int(provenance[:, 2].min()) and int(provenance[:, 2].max()) < NO_TOKEN16)
     if narrow:
         arrays["provenance.bin"] = provenance[:, 2].int().where(provenance[:, 2] >= 0, NO_TOKEN16).to(torch.uint16)
     else:
@@ -200,6 +200,9 @@ def _open_memory(path: Path, manifest: dict, handles: dict, config, device: torc
                 _check_codes(data / name, manifest["files"][name]["bytes"], shape, codec)
                 arrays[kind] = fmt.map_array(handles[name], shape, codec.dtype, writable).to(device)
         count = manifest.get("exact_values", {}).get(str(layer), 0)  # absent in stores written before them
+        if count and entries.value_codec.error_bound is None:
+            raise fmt.StoreError(f"{data / f'layer{layer}.exact-values.bin'}: values kept exactly beside their codes, "
+                                 f"but the value codec {entries.value_codec.name} has no error bound to keep them by")
         exact = _exact_values(data, handles, layer, count, manifest, writable) if count else None
         entries.attach(arrays.get("keys"), arrays["values"], valid, exact)
         names = {f"head{h}.{kind}": f"layer{layer}.head{h}.{kind}" for h in range(heads)
@@ -258,8 +261,10 @@ def _exact_values(data: Path, handles: dict, layer: int, count: int, manifest: d
         problem = "holds (head, id) pairs out of order or repeated"
     if problem:
         raise fmt.StoreError(f"{data / name}: {problem} (corrupted)")
-    vectors = fmt.map_array(handles[f"layer{layer}.exact-values.bin"], (count, manifest["head_dim"]),
-                            getattr(torch, manifest["dtype"]), writable)
+    name = f"layer{layer}.exact-values.bin"
+    vectors = fmt.map_array(handles[name], (count, manifest["head_dim"]), getattr(torch, manifest["dtype"]), writable)
+    if not vectors.isfinite().all():
+        raise fmt.StoreError(f"{data / name}: holds non-finite numbers (corrupted)")
     return torch.cat([torch.zeros(count, 1, dtype=torch.int64), where], dim=1), vectors
 
 

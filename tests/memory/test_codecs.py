@@ -83,6 +83,8 @@ def test_values_the_codes_reconstruct_worst_are_kept_exactly_and_read_in_their_p
     x[0, :, 1100] = 60.0  # as badly coded, but padding: never read, so not kept
     for start in range(0, 1200, 200):  # trained at 800 entries, on all of them
         store.add(x[:, :, start : start + 200], x[:, :, start : start + 200], valid[:, start : start + 200])
+        if start == 600:
+            trained = values.error_bound.clone()
     state = values.state()
     expected = set()
     for h in range(2):  # each head's squared code errors, from Faiss's own encoding and decoding
@@ -90,11 +92,12 @@ def test_values_the_codes_reconstruct_worst_are_kept_exactly_and_read_in_their_p
         faiss.copy_array_to_vector(state["codebook"][h].reshape(-1).numpy(), pq.centroids)
         head = x[0, h].numpy()
         errors = ((pq.decode(pq.compute_codes(head)) - head) ** 2).sum(1)
-        assert float(state["error_bound"][h]) == pytest.approx(np.quantile(errors[:800], 0.999), rel=1e-5)
-        poor = [i for i in np.flatnonzero(errors > float(state["error_bound"][h])) if valid[0, i]]
+        assert float(trained[h]) == pytest.approx(np.quantile(errors[:800], 0.999), rel=1e-5)
+        poor = sorted((i for i in np.flatnonzero(errors > float(trained[h])) if valid[0, i]), key=lambda i: errors[i])
         assert len(poor) > 2
-        # of those, the worst coded 0.1% of 1,199 valid entries: 2
-        expected |= {(0, h, i) for i in sorted(poor, key=lambda i: errors[i])[-2:]}
+        # of those, the worst coded 0.1% of 1,199 valid entries (2) are kept; the bound rose past the others
+        expected |= {(0, h, i) for i in poor[-2:]}
+        assert errors[poor[-3]] == pytest.approx(float(state["error_bound"][h]), rel=1e-5)
     where, exact = store.exact_values()
     assert set(map(tuple, where.tolist())) == expected and (0, 1, 1000) in expected
     assert torch.equal(exact, x[where[:, 0], where[:, 1], where[:, 2]])
@@ -119,13 +122,31 @@ def test_values_the_codes_reconstruct_worst_are_kept_exactly_and_read_in_their_p
     assert set(map(tuple, store.exact_values()[0].tolist())) == set(map(tuple, twin.exact_values()[0].tolist()))
 
 
+def test_beams_without_values_kept_exactly_read_their_codes():
+    keys, values = make_codecs("float32/pq2x4", num_heads=2, head_dim=8, dtype=torch.float32)
+    store = EntryStore(num_heads=2, head_dim=8, codec=(keys, values))
+    x = vectors(2, 2, 700, 8)
+    x[0, :, 650] = 40.0
+    valid = torch.ones(2, 700, dtype=torch.bool)
+    valid[1] = False  # a row of padding keeps nothing exactly
+    store.add(x, x, valid)
+    assert set(store.exact_values()[0][:, 0].tolist()) == {0}
+    store.reorder_rows(torch.tensor([1, 1]))  # the beams that kept values are pruned
+    assert not len(store.exact_values()[0])
+    taken, _ = store.take(torch.tensor([650, 3]).view(1, 1, 1, 2).expand(2, 2, 1, 2), slice(None))
+    assert torch.equal(taken[:, :, 0], store.values()[:, :, [650, 3]]) and next(store.chunks())[1].shape == (2, 2, 700, 8)
+
+
 def test_pq_codecs_trained_before_error_bounds_keep_no_value_exactly():
     codec = ProductCodec(subvectors=2, bits=4, num_heads=2, head_dim=8, out_dtype=torch.float32)
     x = vectors(1, 2, 700, 8)
     codec.train(x[0])
     old = ProductCodec(subvectors=2, bits=4, num_heads=2, head_dim=8, out_dtype=torch.float32)
     old.load_state({"codebook": codec.state()["codebook"]})
-    assert old.poorly_coded(x, old.encode(x)) is None and codec.poorly_coded(x, codec.encode(x)).any()
+    assert old.error_bound is None and codec.error_bound.shape == (2,)
+    store = EntryStore(num_heads=2, head_dim=8, codec=(CastCodec(torch.float32), old))
+    store.add(x, x, torch.ones(1, 700, dtype=torch.bool))
+    assert not len(store.exact_values()[0]) and torch.equal(store.values(), old.decode(old.encode(x)))
     for bound in (torch.tensor([1.0]), torch.tensor([1.0, float("inf")]), torch.tensor([-1.0, 1.0])):
         with pytest.raises(ValueError, match="error bound must be 2 finite non-negative float32 numbers"):
             old.load_state({"codebook": codec.state()["codebook"], "error_bound": bound})

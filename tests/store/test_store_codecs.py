@@ -173,6 +173,21 @@ def test_values_kept_exactly_are_checked_on_open_and_stores_written_before_them_
     craft(where)
     assert torch.equal(read(model, knnmem.Memory.load(pq_store, model=model), query), expected)
 
+    vectors_file = data / "layer1.exact-values.bin"
+    kept = vectors_file.read_bytes()
+    vectors_file.write_bytes(torch.full((count, 8), float("nan")).numpy().tobytes())
+    files = {**manifest["files"], vectors_file.name: {"bytes": len(kept), "sha256": sha256(vectors_file)}}
+    rewrite_manifest(pq_store, files=files)
+    with pytest.raises(knnmem.StoreError, match=r"layer1.exact-values.bin: holds non-finite numbers"):
+        knnmem.Memory.load(pq_store, model=model)
+    vectors_file.write_bytes(kept)
+    no_bound = {n: v for n, v in manifest["codec_arrays"].items() if n != "layer1.values-error_bound.bin"}
+    rewrite_manifest(pq_store, files={n: v for n, v in manifest["files"].items() if n != "layer1.values-error_bound.bin"},
+                     codec_arrays=no_bound)
+    with pytest.raises(knnmem.StoreError, match=r"layer1.exact-values.bin: values kept exactly .* no error bound"):
+        knnmem.Memory.load(pq_store, model=model)
+    rewrite_manifest(pq_store, files=manifest["files"], codec_arrays=manifest["codec_arrays"])
+
     # As written before values were kept exactly: a codebook alone, no error bound, no exact values.
     old = {key: value for key, value in manifest.items() if key != "exact_values"}
     old["codec_arrays"] = {n: v for n, v in manifest["codec_arrays"].items() if "error_bound" not in n}
@@ -180,8 +195,7 @@ def test_values_kept_exactly_are_checked_on_open_and_stores_written_before_them_
     old["checksum"] = checksum(old)
     (pq_store / "manifest.json").write_text(json.dumps(old))
     loaded = knnmem.Memory.load(pq_store, model=model)
-    assert not len(loaded.entries(1).exact_values()[0]) and loaded.entries(1).value_codec.poorly_coded(
-        torch.zeros(1, 4, 1, 8), torch.zeros(1, 4, 1, 2, dtype=torch.uint8)) is None
+    assert not len(loaded.entries(1).exact_values()[0]) and loaded.entries(1).value_codec.error_bound is None
     answer = read(model, loaded, query)
     assert not torch.equal(answer, expected) and (answer - expected).norm() < 0.5 * expected.norm()
 

@@ -81,7 +81,9 @@ def test_a_missing_section_is_refused(store, model, field):
     (lambda m: m["documents"][0].update(end=10**6), "field 'documents' must be a list of documents"),
     (lambda m: m["ivf_outliers"]["1"][0].update(ids=[249]), "field '1' must be .* with ids below 249"),
     (lambda m: m["ivf_outliers"]["1"][0].update(error_bound="0.5"), r"field '1' must be .*\{radius, error_bound, ids, errors\}"),
-    (lambda m: m["ivf_outliers"]["1"][0].update(errors=[0.5] * 7), r"field '1' must be .* and an error \(a number or null\) for each"),
+    (lambda m: m["ivf_outliers"]["1"][0].update(errors=[0.5] * 7), r"field '1' must be .* and an error for each \(null"),
+    (lambda m: m["ivf_outliers"]["1"][0].update(ids=[3], errors=[0.5], error_bound=None),
+     r"field '1' must be .* and an error for each \(null, or a number under an error bound\)"),
     (lambda m: m.update(exact_values={"3": 1}), r"field 'exact_values' must be an object of layers and how many"),
     (lambda m: m.update(l2_bounds={}), r"field 'l2_bounds' must be an object with layers \['1', '2'\]"),
 ])
