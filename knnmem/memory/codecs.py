@@ -228,7 +228,8 @@ class ProductCodec:
     def load_state(self, arrays: dict[str, torch.Tensor]) -> None:
         # stores written before values were kept exactly have a codebook only
         if set(arrays) not in ({"codebook"}, {"codebook", "error_bound"}):
-            raise ValueError(f"codec {self.name} needs a codebook (and an error bound), got {sorted(arrays) or 'nothing'}")
+            raise ValueError(f"codec {self.name} needs a codebook (and an error bound), "
+                             f"got {sorted(arrays) or 'nothing'}")
         shape = (self.num_heads, self.subvectors, 2**self.bits, self.head_dim // self.subvectors)
         codebook = arrays["codebook"]
         if tuple(codebook.shape) != shape or codebook.dtype != torch.float32:
@@ -237,9 +238,10 @@ class ProductCodec:
         if not torch.isfinite(codebook).all():
             raise ValueError(f"the {self.name} codebook holds non-finite numbers (corrupted)")
         bound = arrays.get("error_bound")
-        if bound is not None and (tuple(bound.shape) != (self.num_heads,) or not (bound.isfinite() & (bound >= 0)).all()):
-            raise ValueError(f"the {self.name} error bound must be {self.num_heads} finite non-negative float32 numbers "
-                             f"(one a head), got {tuple(bound.shape)} numbers or non-finite or negative ones (corrupted)")
+        if bound is not None and (bound.shape != (self.num_heads,) or not (bound.isfinite() & (bound >= 0)).all()):
+            raise ValueError(f"the {self.name} error bound must be {self.num_heads} finite non-negative float32 "
+                             f"numbers (one a head), got {tuple(bound.shape)} numbers or non-finite or negative ones "
+                             "(corrupted)")
         self._centroids, self.error_bound = codebook.contiguous(), bound
         self._on_device = {}
 

@@ -182,7 +182,8 @@ class EntryStore:
 
     def _exact_coding_errors(self) -> torch.Tensor:
         """(n,) the squared code errors of the values kept exactly, from their codes."""
-        where, errors = self.exact_values()[0].to(self._exact.device), torch.empty(len(self._exact), device=self._exact.device)
+        device = self._exact.device
+        where, errors = self.exact_values()[0].to(device), torch.empty(len(self._exact), device=device)
         for head in where[:, 1].unique().tolist():
             at = where[:, 1] == head
             codes = self._values[where[at, 0], head, where[at, 2]]  # (m, W)
@@ -197,7 +198,7 @@ class EntryStore:
         self._exact_errors = errors[order] if errors is not None and len(keys) else None
 
     def _with_exact(self, values: torch.Tensor, heads: slice, start: int) -> torch.Tensor:
-        """Decoded values (B, h, N, D) of `heads` and ids `start`... with those kept exactly put in place of their codes."""
+        """Decoded values (B, h, N, D) of `heads` and ids `start`..., those kept exactly put in place of their codes."""
         if self._exact is None:
             return values
         first = heads.indices(self.num_heads)[0]

@@ -52,7 +52,8 @@ def save_memory(memory: Memory, path: str | Path | None = None, *, include_overl
                 codec_arrays[f"layer{layer}.{kind}-{name}.bin"] = list(tensor.shape)
         where, vectors = entries.exact_values()
         if len(where):  # of the one row: (head, id) of each
-            arrays[f"layer{layer}.exact-values.bin"], arrays[f"layer{layer}.exact-value-ids.bin"] = vectors, where[:, 1:]
+            arrays[f"layer{layer}.exact-values.bin"] = vectors
+            arrays[f"layer{layer}.exact-value-ids.bin"] = where[:, 1:].contiguous()
             exact_values[str(layer)] = len(where)
         objects, metadata = memory.backend(layer).export_state()
         indexes.update({f"layer{layer}.{name}": index for name, index in objects.items()})
@@ -68,7 +69,7 @@ def save_memory(memory: Memory, path: str | Path | None = None, *, include_overl
     tokens_only = torch.equal(provenance[:, :2], _document_positions(memory.documents, size, torch.long)) and (
         not size or int(provenance[:, 2].max()) <= torch.iinfo(torch.int32).max)
     # Most vocabularies fit 16 bits: token ids as uint16, NO_TOKEN16 for entries of no document (-1).
-    narrow = tokens_only and (not size or -1 <= int(provenance[:, 2].min()) and int(provenance[:, 2].max()) < NO_TOKEN16)
+    narrow = tokens_only and (not size or -1 <= int(provenance[:, 2].min()) <= int(provenance[:, 2].max()) < NO_TOKEN16)
     if narrow:
         arrays["provenance.bin"] = provenance[:, 2].int().where(provenance[:, 2] >= 0, NO_TOKEN16).to(torch.uint16)
     else:

@@ -200,6 +200,21 @@ def test_values_kept_exactly_are_checked_on_open_and_stores_written_before_them_
     assert not torch.equal(answer, expected) and (answer - expected).norm() < 0.5 * expected.norm()
 
 
+def test_values_kept_exactly_give_way_alike_after_a_store_is_reopened_for_writing(model, tmp_path):
+    torch.manual_seed(1)
+    more = [(torch.randint(1, 96, (900,)) * 0 + torch.arange(900) % 95 + 1).tolist()]  # unlike the first documents
+    whole = filled(model, "dense", codec="int8/pq2x4")
+    knnmem.encode_documents(model, more, whole, progress=False)
+    part = filled(model, "dense", codec="int8/pq2x4")
+    part.save(tmp_path / "store")
+    reopened = knnmem.Memory.load(tmp_path / "store", model=model, writable=True)
+    knnmem.encode_documents(model, more, reopened, progress=False)  # kept values' errors measured again from codes
+    for layer in whole.layers:
+        kept, again = whole.entries(layer).exact_values(), reopened.entries(layer).exact_values()
+        assert len(kept[0]) and all(map(torch.equal, kept, again))
+        assert torch.equal(whole.entries(layer).value_codec.error_bound, reopened.entries(layer).value_codec.error_bound)
+
+
 def test_without_keys_the_store_is_smaller_and_refuses_exact_search_and_reindexing(model, tmp_path):
     options = dict(k=16, train_size=40, nprobe=2, codec="int8/pq2x4")
     kept, dropped = filled(model, "IVF4,PQ4x4fs", **options), filled(model, "IVF4,PQ4x4fs", keep_keys=False, **options)

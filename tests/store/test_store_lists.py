@@ -142,7 +142,8 @@ def test_provenance_stores_token_ids_only_when_documents_give_the_rest(model, tm
     memory.save(tmp_path / "wide")
     assert manifest_of(tmp_path / "wide")["provenance"] == "token_ids"
     with knnmem.Memory.load(tmp_path / "wide", model=model) as loaded:
-        assert torch.equal(loaded.provenance.long(), torch.cat([memory.provenance, torch.full((len(memory) - documents, 3), -1)]))
+        unknown = torch.full((len(memory) - documents, 3), -1)  # entries of no document
+        assert torch.equal(loaded.provenance.long(), torch.cat([memory.provenance, unknown]))
     memory.provenance[5, 1] = 99  # a position the documents do not give: everything is stored
     memory.save(tmp_path / "other")
     assert "provenance" not in manifest_of(tmp_path / "other")
