@@ -10,6 +10,7 @@ any stored entry, and a corpus can be cut into shards encoded apart (in parallel
 from __future__ import annotations
 
 import bisect
+from concurrent.futures import ThreadPoolExecutor
 from itertools import accumulate
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -47,14 +48,9 @@ def encode_documents(
     device = next(model.parameters()).device
     added, provenance = [], []
     bar = tqdm(total=sum(map(len, documents)), unit="tok", unit_scale=True, disable=not progress, desc="encoding")
-    for tokens, name in zip(documents, names):
-        if not tokens:
-            raise ValueError(f"document {name!r} has no tokens")
-        # The document's own earlier windows only, as the model wrote them (encoded once, into `memory`).
-        scratch = memory.empty_like("dense", codec=None, keep_keys=True)
-        ids = torch.tensor(tokens, dtype=torch.long, device=device)[None]
-        # Only what stored entries depend on is computed: nothing above the last memory layer.
-        model.get_decoder()(input_ids=ids, memory=scratch, use_cache=False, entries_only=True)
+
+    @torch.no_grad()  # grad mode is per thread
+    def insert(scratch: Memory, tokens: list[int], name: str) -> None:
         start = len(memory)
         for layer in memory.layers:
             for keys, values, valid in scratch.entries(layer).chunks():
@@ -64,6 +60,24 @@ def encode_documents(
         provenance.append(torch.stack([torch.full((len(tokens),), document.id), torch.arange(len(tokens)),
                                        torch.tensor(tokens)], dim=1))
         bar.update(len(tokens))
+
+    # A document is inserted into the memory's indexes while the model reads the next one: Faiss's encoding and the
+    # forward pass overlap, and documents still enter in order (one insertion at a time).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="knnmem-insert") as inserting:
+        inserted = None
+        for tokens, name in zip(documents, names):
+            if not tokens:
+                raise ValueError(f"document {name!r} has no tokens")
+            # The document's own earlier windows only, as the model wrote them (encoded once, into `memory`).
+            scratch = memory.empty_like("dense", codec=None, keep_keys=True)
+            ids = torch.tensor(tokens, dtype=torch.long, device=device)[None]
+            # Only what stored entries depend on is computed: nothing above the last memory layer.
+            model.get_decoder()(input_ids=ids, memory=scratch, use_cache=False, entries_only=True)
+            if inserted is not None:
+                inserted.result()
+            inserted = inserting.submit(insert, scratch, tokens, name)
+        if inserted is not None:
+            inserted.result()
     bar.close()
     memory.documents += added
     old = [memory.provenance] if memory.provenance is not None else []
