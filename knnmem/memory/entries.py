@@ -96,10 +96,18 @@ class EntryStore:
         keys = self._keys[:, :, : self._size] if self.has_keys else None
         return keys, self._values[:, :, : self._size]
 
+    def _key(self, rows: torch.Tensor, heads: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The int64 keys of the exact-value table for entries `ids` of `rows` and `heads`."""
+        return (rows * self.num_heads + heads) << _ID_BITS | ids
+
+    def _where(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, heads, ids) of the exact-value table's `keys`."""
+        planes = keys >> _ID_BITS
+        return planes // self.num_heads, planes % self.num_heads, keys & _ID_MASK
+
     def exact_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The values kept exactly beside their codes: (n, 3) (row, head, id), sorted, and their vectors (n, D)."""
-        planes, ids = self._exact_keys >> _ID_BITS, self._exact_keys & _ID_MASK
-        where = torch.stack([planes // self.num_heads, planes % self.num_heads, ids], dim=1)
+        where = torch.stack(self._where(self._exact_keys), dim=1)
         return where, self._exact if self._exact is not None else torch.zeros(0, self.head_dim)
 
     def attach(self, keys: torch.Tensor | None, values: torch.Tensor, valid: torch.Tensor,
@@ -110,7 +118,7 @@ class EntryStore:
         self._size = values.shape[2]
         self._key_start = 0 if keys is not None else self._size
         where, vectors = exact if exact is not None else (torch.zeros(0, 3, dtype=torch.long), None)
-        keys = (where[:, 0] * self.num_heads + where[:, 1]) << _ID_BITS | where[:, 2]
+        keys = self._key(*where.unbind(1))
         self._set_exact(keys.to(values.device), vectors.to(values.device) if len(keys) else None, None)
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> range:
@@ -157,7 +165,7 @@ class EntryStore:
         rows, heads, offsets = poor.nonzero(as_tuple=True)
         if not len(rows):
             return
-        keys = (rows * self.num_heads + heads) << _ID_BITS | (start + offsets)
+        keys = self._key(rows, heads, start + offsets)
         vectors, errors = values.detach()[rows, heads, offsets].to(codec.out_dtype), errors[rows, heads, offsets]
         if self._exact is not None:
             if self._exact_errors is None:  # attached from a store: measured again from the codes
@@ -201,9 +209,8 @@ class EntryStore:
         """Decoded values (B, h, N, D) of `heads` and ids `start`..., those kept exactly put in place of their codes."""
         if self._exact is None:
             return values
-        first = heads.indices(self.num_heads)[0]
-        planes, ids = self._exact_keys >> _ID_BITS, (self._exact_keys & _ID_MASK) - start
-        rows, local = planes // self.num_heads, planes % self.num_heads - first
+        rows, local, ids = self._where(self._exact_keys)
+        local, ids = local - heads.indices(self.num_heads)[0], ids - start
         inside = (local >= 0) & (local < values.shape[1]) & (ids >= 0) & (ids < values.shape[2])
         if inside.any():  # in place: codecs that keep values exactly decode to new tensors, never to their storage
             values[rows[inside], local[inside], ids[inside]] = self._exact[inside].to(values.dtype)
@@ -280,10 +287,8 @@ class EntryStore:
             self._values, self._valid = self._values[rows], self._valid[rows]
             self._keys = self._keys[rows] if self._keys is not None else None
         if self._exact is not None:  # each new row takes the exactly kept values of the row it copies
-            planes = self._exact_keys >> _ID_BITS
-            old_rows, heads = planes // self.num_heads, planes % self.num_heads
+            old_rows, heads, ids = self._where(self._exact_keys)
             picked = [(new, (old_rows == old).nonzero()[:, 0]) for new, old in enumerate(rows.tolist())]
-            keys = [((new * self.num_heads + heads[at]) << _ID_BITS) | (self._exact_keys[at] & _ID_MASK)
-                    for new, at in picked]
+            keys = [self._key(torch.full_like(at, new), heads[at], ids[at]) for new, at in picked]
             errors = None if self._exact_errors is None else torch.cat([self._exact_errors[at] for _, at in picked])
             self._set_exact(torch.cat(keys), torch.cat([self._exact[at] for _, at in picked]), errors)
