@@ -17,7 +17,6 @@ import re
 import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from functools import lru_cache
 from typing import Callable
 
@@ -38,7 +37,18 @@ OUTLIER_WARNING_SHARE, OUTLIER_WARNING_MIN = 0.1, 1000
 # Search parameters that count candidates (lists probed, graph neighbours kept, reranked results).
 _COUNT_PARAMS = ("nprobe", "efSearch", "max_codes", "k_factor", "k_factor_rf", "efConstruction")
 
-_POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="knnmem-faiss")
+
+def _single_threaded_worker() -> None:
+    """Searches, insertions and training run in parallel across (row, head): OpenMP threads inside each of them only
+    slow them down, and once started they take the cores from the model's forward pass (it ran at half speed).
+    The OpenMP thread count is a per-thread setting, which torch (sharing Faiss's OpenMP runtime) sets once in each
+    thread at its first use: that comes first, or it would undo this."""
+    torch.get_num_threads()
+    faiss.omp_set_num_threads(1)
+
+
+_POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="knnmem-faiss",
+                           initializer=_single_threaded_worker)
 
 
 def new_index(spec: str, head_dim: int, l2_reduction: bool = False, width: int | None = None) -> faiss.Index:
@@ -191,19 +201,7 @@ def index_dimensions(spec: str, head_dim: int, l2_reduction: bool) -> tuple[int,
 
 def _parallel(work: Callable, tasks) -> None:
     """`work(task)` for every task, in the thread pool: one per (row, head) index, as Faiss releases the GIL."""
-    with _single_threaded_faiss():
-        list(_POOL.map(work, tasks))
-
-
-@contextmanager
-def _single_threaded_faiss():
-    # Searches run in parallel across (row, head); OpenMP threads inside each search only slow them down.
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(threads)
+    list(_POOL.map(work, tasks))
 
 
 class FaissBackend:

@@ -419,3 +419,30 @@ def test_parallel_insertion_builds_the_indexes_serial_insertion_does(make_model,
 def test_training_waits_for_39_entries_per_centroid_of_lists_or_codebooks(spec, train_size):
     memory = knnmem.Memory(layers=[0], num_heads=1, head_dim=8, dtype=torch.float32, index=spec, k=10)
     assert memory.train_size == train_size
+
+
+def test_faiss_runs_single_threaded_in_every_worker_of_the_pool():
+    # The OpenMP thread count is a per-thread setting: set only in the thread handing out the work, Faiss ran every
+    # task with all cores, and its idle OpenMP threads went on taking them from the model's forward pass. Torch sets
+    # it too, at a thread's first parallel operation, to its own count.
+    from concurrent.futures import wait
+    from threading import Barrier
+
+    from knnmem.memory import faiss_index
+
+    workers = faiss_index._POOL._max_workers
+    barrier = Barrier(workers)  # every worker takes one task
+
+    def threads(_):
+        barrier.wait(timeout=10)
+        torch.randn(1 << 16).exp().sum()
+        return faiss.omp_get_max_threads()
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        tasks = [faiss_index._POOL.submit(threads, i) for i in range(workers)]
+        wait(tasks, timeout=30)
+        assert [t.result() for t in tasks] == [1] * workers
+    finally:
+        torch.set_num_threads(before)
