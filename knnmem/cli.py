@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="directory for the pooled passkey.json and passkey.png")
     p.set_defaults(func=cmd_passkey_merge)
 
-    p = sub.add_parser("migrate", help="rewrite the manifest of a store of the previous format in this one")
+    p = sub.add_parser("migrate", help="rewrite the manifest of a format-1 store in the current format")
     p.add_argument("store")
     p.set_defaults(func=cmd_migrate)
 

@@ -19,7 +19,11 @@ import math
 import re
 from pathlib import Path
 
-FORMAT_VERSION = 2
+# Format 3 adds codecs, stores without keys, exactly kept entries and 16-bit token ids; it is what stores are
+# written in, so that a knnmem reading only format 2 refuses them by their version instead of misreading them.
+# Format-2 stores use none of it and are read as they are.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 MANIFEST = "manifest.json"
 GENERATION = re.compile(r"data-[0-9a-f]{12}")
 NO_TOKEN16 = 0xFFFF  # the token id of entries written by no document, in uint16 provenance
@@ -54,9 +58,10 @@ def read_manifest(path: str | Path) -> dict:
     except (json.JSONDecodeError, RecursionError) as error:
         raise StoreError(f"{file}: not valid JSON ({error})") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version != FORMAT_VERSION:
-        raise StoreError(f"{file}: format version {version!r} is not supported (this knnmem reads {FORMAT_VERSION}; "
-                         "migrate a format-1 store with `knnmem migrate STORE`, or re-index the corpus)")
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        raise StoreError(f"{file}: format version {version!r} is not supported (this knnmem reads "
+                         f"{' and '.join(map(str, READABLE_VERSIONS))}; migrate a format-1 store with "
+                         "`knnmem migrate STORE`, or re-index the corpus)")
     if manifest.get("checksum") != checksum(manifest):
         raise StoreError(f"{file}: contents do not match its checksum (corrupted or edited)")
     (check_sharded_manifest if is_sharded(manifest) else check_manifest)(manifest, file)

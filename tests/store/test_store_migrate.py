@@ -1,4 +1,4 @@
-"""Stores of the previous format (1) are refused with the command that migrates them, which keeps their data."""
+"""Format-1 stores are refused with the command that migrates them, which keeps their data."""
 
 import json
 

@@ -51,10 +51,19 @@ def test_an_edited_manifest_is_refused(store, model):
     refused(store, model, "manifest.json: contents do not match its checksum")
 
 
-def test_a_store_of_the_previous_format_is_refused(store, model):
-    craft(store, lambda m: m.update(format_version=1))
-    refused(store, model, r"manifest.json: format version 1 is not supported \(this knnmem reads 2; migrate a format-1 "
-                          r"store with `knnmem migrate STORE`")
+def test_a_format_1_store_is_refused_and_pointed_to_migration(store, model):
+    for version in (1, 4, "3", 3.0, True):
+        craft(store, lambda m: m.update(format_version=version))
+        refused(store, model, rf"manifest.json: format version {version!r} is not supported \(this knnmem reads 2 and 3; "
+                              r"migrate a format-1 store with `knnmem migrate STORE`")
+
+
+def test_stores_are_written_in_format_3_and_format_2_stores_still_open(store, model):
+    assert manifest_of(store)["format_version"] == 3  # what a knnmem reading only format 2 refuses by its version
+    query = torch.randint(1, 96, (1, 8))
+    expected = read(model, knnmem.Memory.load(store, model=model), query)
+    craft(store, lambda m: m.update(format_version=2))  # a store written before codecs: nothing else differs
+    torch.testing.assert_close(read(model, knnmem.Memory.load(store, model=model), query), expected)
 
 
 def test_a_changed_dtype_is_refused_not_reinterpreted(store, model):
