@@ -21,7 +21,7 @@ from pathlib import Path
 
 # Format 3 adds codecs, stores without keys, exactly kept entries and 16-bit token ids; it is what stores are
 # written in, so that a knnmem reading only format 2 refuses them by their version instead of misreading them.
-# Format-2 stores use none of it and are read as they are.
+# Format-2 stores are read as they are.
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (2, 3)
 MANIFEST = "manifest.json"
