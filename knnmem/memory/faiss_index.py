@@ -590,18 +590,9 @@ class FaissBackend:
 def _unpack_state(indexes: dict, metadata: dict, heads: int) -> tuple[list, list, list, list]:
     """`export_state`'s (indexes, metadata) of one row as [row][head] lists."""
     row = [indexes[f"head{h}.faiss"] for h in range(heads)]
-    dim = row[0].d
-    if any(index.d != dim for index in row):
-        raise ValueError(f"the indexes of one layer have dimensions {[index.d for index in row]}: one layout holds all")
     outliers = metadata.get("ivf_outliers") or [{"radius": None, "ids": []} for _ in range(heads)]
-    outlier_keys = []
-    for h, head in enumerate(outliers):
-        keys = indexes.get(f"head{h}.outliers.faiss")
-        if keys is not None and keys.d != dim:
-            raise ValueError(f"the outlier keys of head {h} have {keys.d} dimensions, its index {dim}")
-        if keys is not None and keys.ntotal != len(head["ids"]):
-            raise ValueError(f"the outlier keys of head {h} hold {keys.ntotal} entries, its outlier list {len(head['ids'])}")
-        outlier_keys.append(faiss.IndexFlatIP(dim) if keys is None else keys)
+    outlier_keys = [indexes.get(f"head{h}.outliers.faiss") for h in range(len(outliers))]
+    outlier_keys = [faiss.IndexFlatIP(row[0].d) if keys is None else keys for keys in outlier_keys]
     return [row], [list(metadata["l2_bounds"])], [outliers], [outlier_keys]
 
 

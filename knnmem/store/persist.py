@@ -216,9 +216,8 @@ def _open_memory(path: Path, manifest: dict, handles: dict, config, device: torc
             # Read on first search; memory-mapped unless the store is opened for writing.
             memory.backend(layer).import_state(
                 lambda opened=opened, metadata=metadata, widths=widths:
-                ({own: _checked_index(f, mmap=not writable, dims=widths, entries=size) if own.endswith(".faiss")
-                  and not own.endswith("outliers.faiss") else f.read(mmap=not writable) for own, f in opened.items()},
-                 metadata), source=str(data / f"layer{layer}"))
+                (_checked_indexes(opened, metadata, mmap=not writable, dims=widths, entries=size), metadata),
+                source=str(data / f"layer{layer}"))
             for f in opened.values():
                 memory.on_close(f.close)
     memory.documents = [Document(**d) for d in manifest["documents"]]
@@ -298,6 +297,28 @@ def _check_codes(file: Path, size: int, shape: tuple, codec) -> None:
             f"{file}: {size:,} bytes, but codec {codec.name} ({'trained' if codec.trained else 'not trained yet'}) "
             f"stores (heads, entries, width) = {shape[1:]} as {codec.dtype}: {expected:,} bytes; its codes do not match "
             "the codec or codebook the manifest names")
+
+
+def _checked_indexes(opened: dict[str, fmt.DeferredIndex], metadata: dict, *, mmap: bool, dims: tuple[int, ...],
+                     entries: int) -> dict[str, faiss.Index]:
+    """The indexes of one layer (`head<h>.faiss`, and `head<h>.outliers.faiss` where written), each checked
+    (`_checked_index`), all over vectors of one layout, and each head's outlier keys as many as its outlier ids."""
+    indexes = {own: _checked_index(f, mmap=mmap, dims=dims, entries=entries)
+               for own, f in opened.items() if not own.endswith(".outliers.faiss")}
+    dim = indexes["head0.faiss"].d
+    for own, index in indexes.items():
+        if index.d != dim:
+            raise fmt.StoreError(f"{opened[own].file}: indexes vectors of {index.d} dimensions, head 0 of its layer "
+                                 f"{dim}: one layout holds all (corrupted)")
+    for h, head in enumerate(metadata["ivf_outliers"] or []):
+        own = f"head{h}.outliers.faiss"
+        if own not in opened:
+            continue
+        keys = indexes[own] = opened[own].read(mmap=mmap)
+        if keys.d != dim or keys.ntotal != len(head["ids"]):
+            raise fmt.StoreError(f"{opened[own].file}: holds {keys.ntotal} keys of {keys.d} dimensions for the "
+                                 f"{len(head['ids'])} outliers {fmt.MANIFEST} lists for head {h}, of {dim} (corrupted)")
+    return indexes
 
 
 def _checked_index(index_file: fmt.DeferredIndex, *, mmap: bool, dims: tuple[int, ...], entries: int) -> faiss.Index:

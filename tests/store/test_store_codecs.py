@@ -230,3 +230,25 @@ def test_without_keys_the_store_is_smaller_and_refuses_exact_search_and_reindexi
         knnmem.Memory.create(model, index="torch", keep_keys=False)
     with pytest.raises(ValueError, match="rerank=2 scores candidates from stored keys: it needs keep_keys=True"):
         knnmem.Memory.create(model, index="IVF4,Flat", keep_keys=False, rerank=2)
+
+
+def test_outlier_keys_that_do_not_fit_their_list_or_index_are_refused_naming_the_file(model, tmp_path):
+    import faiss
+
+    from knnmem.store.format import _record
+
+    store = tmp_path / "store"
+    filled(model, "IVF4,PQ4x4", k=16, train_size=40, nprobe=2, keep_keys=False).save(store)
+    manifest = manifest_of(store)
+    name = next(n for n in manifest["files"] if n.endswith(".outliers.faiss"))
+    file = store / manifest["generation"] / name
+    keys = faiss.read_index(str(file))
+    query = torch.randint(1, 96, (1, 8))
+    for crafted in (faiss.IndexFlatIP(keys.d), faiss.IndexFlatIP(keys.d + 4)):  # a key short; another layout
+        crafted.add(faiss.rev_swig_ptr(keys.get_xb(), keys.ntotal * keys.d).reshape(keys.ntotal, keys.d)[:-1].copy()
+                    if crafted.d == keys.d else torch.zeros(keys.ntotal, crafted.d).numpy())
+        faiss.write_index(crafted, str(file))
+        rewrite_manifest(store, files={**manifest["files"], name: _record(memoryview(file.read_bytes()))})
+        with pytest.raises(knnmem.StoreError, match=rf"{name}: holds {crafted.ntotal} keys of {crafted.d} dimensions "
+                                                    rf"for the {keys.ntotal} outliers manifest.json lists"):
+            read(model, knnmem.Memory.load(store, model=model), query)  # indexes are read on first search
