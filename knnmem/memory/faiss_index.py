@@ -754,9 +754,6 @@ def _apply_params(index: faiss.Index, params: dict) -> None:
         # Faiss aborts the process on a search with nprobe or efSearch 0: refuse it before it gets there.
         if name in _COUNT_PARAMS and (value != int(value) or value < 1):
             raise ValueError(f"search parameter {name!r} must be a positive integer, got {value!r}")
-        ivf = faiss.try_extract_index_ivf(index)
-        if name == "nprobe" and ivf is not None and value > ivf.nlist:  # Faiss would probe every list, silently
-            raise ValueError(f"search parameter 'nprobe' is {value!r}, more than the {ivf.nlist} lists of the index")
         try:
             space.set_index_parameter(index, name, value)
         except RuntimeError:

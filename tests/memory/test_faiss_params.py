@@ -50,15 +50,6 @@ def test_search_parameters_must_be_positive_counts(spec, params):
     assert usable.search(0, keys[:, :, :3], slice(0, 2)).ids.shape[-1] > 0  # still searchable
 
 
-def test_probing_more_lists_than_the_index_has_is_refused():
-    with pytest.raises(ValueError, match="'nprobe' is 5, more than the 4 lists"):
-        memory("IVF4,Flat", train_size=8, nprobe=5)
-    usable = memory("IVF4,Flat", train_size=8, nprobe=4)  # every list: allowed
-    with pytest.raises(ValueError, match="more than the 4 lists"):
-        usable.set_search_params(nprobe=8)
-    assert usable.search_params()["nprobe"] == 4
-
-
 def test_a_stored_zero_nprobe_is_refused_by_name(tmp_path):
     from conftest import sharp_model, tiny_config
 
