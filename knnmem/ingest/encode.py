@@ -89,8 +89,7 @@ def encode_documents(
 @contextmanager
 def _forward_threads():
     """Torch runs on one thread fewer, leaving a core to the insertion running beside the forward pass: with every
-    core, torch's OpenMP threads spin between operations on the cores Faiss is encoding on (on 2 cores, indexing ran
-    at 0.6-0.7 of the throughput it reaches on one torch thread)."""
+    core, torch's OpenMP threads spin between operations on the cores Faiss is encoding on."""
     threads = torch.get_num_threads()
     torch.set_num_threads(max(threads - 1, 1))
     try:
