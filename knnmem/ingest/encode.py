@@ -64,7 +64,8 @@ def encode_documents(
 
     # A document is inserted into the memory's indexes while the model reads the next one: Faiss's encoding and the
     # forward pass overlap, and documents still enter in order (one insertion at a time).
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="knnmem-insert") as inserting, _forward_threads():
+    with (ThreadPoolExecutor(max_workers=1, thread_name_prefix="knnmem-insert") as inserting,
+          _forward_threads(memory.encodes_in_threads)):
         inserted = None
         for tokens, name in zip(documents, names):
             if not tokens:
@@ -87,11 +88,14 @@ def encode_documents(
 
 
 @contextmanager
-def _forward_threads():
-    """Torch runs on one thread fewer, leaving a core to the insertion running beside the forward pass: with every
-    core, torch's OpenMP threads spin between operations on the cores Faiss is encoding on."""
+def _forward_threads(beside_insertion: bool):
+    """With insertion working in threads beside the forward pass (`Memory.encodes_in_threads`), torch runs on one
+    thread fewer, leaving a core to it: with every core, torch's OpenMP threads spin between operations on the cores
+    Faiss is encoding on. `torch.set_num_threads` sets the calling thread's count (and the one threads started
+    meanwhile take up)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(threads - 1, 1))
+    if beside_insertion:
+        torch.set_num_threads(max(threads - 1, 1))
     try:
         yield
     finally:

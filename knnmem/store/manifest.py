@@ -19,9 +19,9 @@ import math
 import re
 from pathlib import Path
 
-# Format 3 adds codecs, stores without keys, exactly kept entries and 16-bit token ids; it is what stores are
-# written in, so that a knnmem reading only format 2 refuses them by their version instead of misreading them.
-# Format-2 stores are read as they are.
+# Stores are written in format 3, which may hold what a knnmem reading only format 2 would misread (codecs, stores
+# without keys, exactly kept entries, narrower token ids): it refuses them by their version. Format-2 stores are
+# read as they are.
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (2, 3)
 MANIFEST = "manifest.json"

@@ -212,6 +212,11 @@ def _open_memory(path: Path, manifest: dict, handles: dict, config, device: torc
             opened = {own: fmt.DeferredIndex(data / name, handles[name]) for own, name in names.items()}
             metadata = {"l2_bounds": manifest["l2_bounds"][str(layer)],
                         "ivf_outliers": manifest["ivf_outliers"][str(layer)]}
+            for h, head in enumerate(metadata["ivf_outliers"]):
+                # Without stored keys, outliers are scored from their keys in this file alone.
+                if "keys" not in arrays and head["ids"] and f"head{h}.outliers.faiss" not in opened:
+                    raise fmt.StoreError(f"{data / f'layer{layer}.head{h}.outliers.faiss'}: missing, but {fmt.MANIFEST} "
+                                         f"lists {len(head['ids'])} outliers of head {h} and the store keeps no keys")
             widths = index_dimensions(manifest["index"], dim, manifest["options"]["l2_reduction"])
             # Read on first search; memory-mapped unless the store is opened for writing.
             memory.backend(layer).import_state(
@@ -310,11 +315,14 @@ def _checked_indexes(opened: dict[str, fmt.DeferredIndex], metadata: dict, *, mm
         if index.d != dim:
             raise fmt.StoreError(f"{opened[own].file}: indexes vectors of {index.d} dimensions, head 0 of its layer "
                                  f"{dim}: one layout holds all (corrupted)")
-    for h, head in enumerate(metadata["ivf_outliers"] or []):
+    for h, head in enumerate(metadata["ivf_outliers"]):
         own = f"head{h}.outliers.faiss"
         if own not in opened:
             continue
         keys = indexes[own] = opened[own].read(mmap=mmap)
+        if not isinstance(keys, faiss.IndexFlat) or keys.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise fmt.StoreError(f"{opened[own].file}: a {type(keys).__name__}, not the flat inner-product index of "
+                                 "outlier keys the store writes (corrupted)")
         if keys.d != dim or keys.ntotal != len(head["ids"]):
             raise fmt.StoreError(f"{opened[own].file}: holds {keys.ntotal} keys of {keys.d} dimensions for the "
                                  f"{len(head['ids'])} outliers {fmt.MANIFEST} lists for head {h}, of {dim} (corrupted)")

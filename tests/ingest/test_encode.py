@@ -1,5 +1,6 @@
 """Encoding a document computes only what its stored entries depend on, and stores the same entries."""
 
+import pytest
 import torch
 
 import knnmem
@@ -35,26 +36,27 @@ def test_entries_only_skips_what_stored_entries_do_not_depend_on_and_stores_the_
             torch.testing.assert_close(v1, v2)
 
 
-def test_the_forward_pass_leaves_a_core_to_insertion_and_gives_it_back_even_on_failure():
+def test_the_forward_pass_leaves_a_core_to_faiss_insertion_and_gives_it_back_even_on_failure():
     config = tiny_config(num_hidden_layers=2, mem_layers=[1], max_position_embeddings=16)
     model = sharp_model(config).eval()
     seen = []
     hook = model.model.layers[0].register_forward_hook(lambda *a: seen.append(torch.get_num_threads()))
     threads = torch.get_num_threads()
+
+    def encode(documents, index="Flat"):
+        seen.clear()
+        encode_documents(model, documents, knnmem.Memory.create(model, index=index), progress=False)
+        return set(seen)
+
     try:
         torch.set_num_threads(3)
-        encode_documents(model, [[1, 2, 3] * 10, [4, 5] * 9], knnmem.Memory.create(model), progress=False)
-        assert set(seen) == {2} and torch.get_num_threads() == 3
-        torch.set_num_threads(1)  # never below one thread
-        encode_documents(model, [[1, 2, 3]], knnmem.Memory.create(model), progress=False)
-        assert seen[-1] == 1
+        assert encode([[1, 2, 3] * 10, [4, 5] * 9]) == {2} and torch.get_num_threads() == 3
+        assert encode([[1, 2, 3] * 10], index="dense") == {3}  # appending entries leaves the cores to the model
+        torch.set_num_threads(1)
+        assert encode([[1, 2, 3]]) == {1}  # never below one thread
         torch.set_num_threads(3)
-        try:
-            encode_documents(model, [[1, 2], []], knnmem.Memory.create(model), progress=False)
-        except ValueError as error:
-            assert "no tokens" in str(error)
-        else:
-            raise AssertionError("an empty document was accepted")
+        with pytest.raises(ValueError, match="no tokens"):
+            encode([[1, 2], []])
         assert torch.get_num_threads() == 3
     finally:
         hook.remove()

@@ -3,6 +3,7 @@
 import hashlib
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -235,6 +236,7 @@ def test_without_keys_the_store_is_smaller_and_refuses_exact_search_and_reindexi
 def test_outlier_keys_that_do_not_fit_their_list_or_index_are_refused_naming_the_file(model, tmp_path):
     import faiss
 
+    from knnmem.memory.faiss_index import reduced_widths
     from knnmem.store.format import _record
 
     store = tmp_path / "store"
@@ -243,12 +245,39 @@ def test_outlier_keys_that_do_not_fit_their_list_or_index_are_refused_naming_the
     name = next(n for n in manifest["files"] if n.endswith(".outliers.faiss"))
     file = store / manifest["generation"] / name
     keys = faiss.read_index(str(file))
+    vectors = faiss.rev_swig_ptr(keys.get_xb(), keys.ntotal * keys.d).reshape(keys.ntotal, keys.d).copy()
     query = torch.randint(1, 96, (1, 8))
-    for crafted in (faiss.IndexFlatIP(keys.d), faiss.IndexFlatIP(keys.d + 4)):  # a key short; another layout
-        crafted.add(faiss.rev_swig_ptr(keys.get_xb(), keys.ntotal * keys.d).reshape(keys.ntotal, keys.d)[:-1].copy()
-                    if crafted.d == keys.d else torch.zeros(keys.ntotal, crafted.d).numpy())
-        faiss.write_index(crafted, str(file))
-        rewrite_manifest(store, files={**manifest["files"], name: _record(memoryview(file.read_bytes()))})
-        with pytest.raises(knnmem.StoreError, match=rf"{name}: holds {crafted.ntotal} keys of {crafted.d} dimensions "
-                                                    rf"for the {keys.ntotal} outliers manifest.json lists"):
+
+    def refused(path, index, match):
+        """`path` replaced by `index` and signed in the manifest is refused; then put back."""
+        before = path.read_bytes()
+        faiss.write_index(index, str(path))
+        rewrite_manifest(store, files={**manifest["files"], path.name: _record(memoryview(path.read_bytes()))})
+        with pytest.raises(knnmem.StoreError, match=match):
             read(model, knnmem.Memory.load(store, model=model), query)  # indexes are read on first search
+        path.write_bytes(before)
+
+    def flat(kind, rows, dim):
+        index = kind(dim)
+        index.add(rows)
+        return index
+
+    refused(file, flat(faiss.IndexFlatIP, vectors[:-1], keys.d),  # a key short
+            rf"{name}: holds {keys.ntotal - 1} keys of {keys.d} dimensions for the {keys.ntotal} outliers")
+    refused(file, flat(faiss.IndexFlatIP, np.zeros((keys.ntotal, keys.d + 4), np.float32), keys.d + 4),
+            rf"{name}: holds {keys.ntotal} keys of {keys.d + 4} dimensions")
+    refused(file, flat(faiss.IndexFlatL2, vectors, keys.d), rf"{name}: a IndexFlatL2, not the flat inner-product")
+    # Another width new indexes of the spec may have, but not the layout of the layer's other heads.
+    other = next(d for d in reduced_widths("IVF4,PQ4x4", tiny_config().head_dim) if d != keys.d)
+    index = faiss.index_factory(other, "IVF4,PQ4x4")
+    index.train(np.random.default_rng(0).standard_normal((256, other)).astype(np.float32))
+    layer = name.split(".")[0]
+    refused(file.with_name(f"{layer}.head1.faiss"), index, rf"{layer}.head1.faiss: indexes vectors of {other} "
+                                                           rf"dimensions, head 0 of its layer {keys.d}: one layout")
+    rewrite_manifest(store, files=manifest["files"])
+    read(model, knnmem.Memory.load(store, model=model), query)  # as written: opens
+    file.unlink()
+    del manifest["files"][name]
+    rewrite_manifest(store, files=manifest["files"])
+    with pytest.raises(knnmem.StoreError, match=rf"{name}: missing, but manifest.json lists {keys.ntotal} outliers"):
+        knnmem.Memory.load(store, model=model)

@@ -62,7 +62,7 @@ def test_stores_are_written_in_format_3_and_format_2_stores_still_open(store, mo
     assert manifest_of(store)["format_version"] == 3  # what a knnmem reading only format 2 refuses by its version
     query = torch.randint(1, 96, (1, 8))
     expected = read(model, knnmem.Memory.load(store, model=model), query)
-    craft(store, lambda m: m.update(format_version=2))  # a store written before codecs: nothing else differs
+    craft(store, lambda m: m.update(format_version=2))  # the reader takes format 2 as it is: only the version differs
     torch.testing.assert_close(read(model, knnmem.Memory.load(store, model=model), query), expected)
 
 
