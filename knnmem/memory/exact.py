@@ -67,7 +67,6 @@ class _ExactBackend:
     """What both exact backends share: nothing to train, tune or persist beyond the entries."""
 
     train_size = 0
-    encodes_in_threads = False  # appending to the entry store is all there is to adding
 
     def __init__(self, entries: EntryStore, *, k: int):
         self.entries, self.k = entries, k

@@ -237,8 +237,6 @@ class FaissBackend:
     Rows then always search their index, even when it holds no more than k entries.
     """
 
-    encodes_in_threads = True  # one pool task per (row, head) index
-
     def __init__(
         self,
         entries: EntryStore,

@@ -222,11 +222,6 @@ class Memory:
         """The entry store of memory layer `layer` (keys, values and padding flags by id)."""
         return self._entries[layer]
 
-    @property
-    def encodes_in_threads(self) -> bool:
-        """Whether adding entries does its work (encoding, graph links) in worker threads, on every core."""
-        return any(backend.encodes_in_threads for backend in self._backends.values())
-
     def backend(self, layer: int) -> LayerMemory:
         """The backend indexing memory layer `layer`."""
         return self._backends[layer]

@@ -38,7 +38,6 @@ class LayerMemory(Protocol):
 
     k: int  # entries retrieved per query (ignored by dense memory)
     train_size: int  # valid entries a row needs before searches stop being exact (0: never approximate)
-    encodes_in_threads: bool  # whether `add` does its work (encoding, graph links) in worker threads, on every core
 
     def add(self, ids: range) -> None:
         """Index entries `ids`, just appended to the entry store (their padding flags are there)."""
