@@ -164,7 +164,6 @@ def check_manifest(manifest: dict, file: Path) -> None:
              "'token_ids' or 'token_ids16' (int32 or uint16 token ids, one per entry)")
     if "codec" in manifest:  # absent in stores written before codecs: the cast codec of `dtype`
         need("codec", str, str.strip, "a codec spec such as int8 or int8/pq8")
-    shapes = manifest.get("codec_arrays", {})
     if "codec_arrays" in manifest:
         need("codec_arrays", dict, lambda v: all(
             _CODEC_ARRAY.fullmatch(name) and isinstance(shape, list) and all(_is(n, int) and n > 0 for n in shape)

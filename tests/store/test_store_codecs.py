@@ -169,7 +169,7 @@ def test_values_kept_exactly_are_checked_on_open_and_stores_written_before_them_
         with pytest.raises(knnmem.StoreError, match=rf"layer1.exact-value-ids.bin: holds \(head, id\) pairs {problem}"):
             knnmem.Memory.load(pq_store, model=model)
     craft(where, {**manifest["exact_values"], "1": count + 1})
-    with pytest.raises(knnmem.StoreError, match=rf"manifest.json: lists layer1.exact-values?(-ids)?.bin with"):
+    with pytest.raises(knnmem.StoreError, match=r"manifest.json: lists layer1.exact-values?(-ids)?.bin with"):
         knnmem.Memory.load(pq_store, model=model)
     craft(where)
     assert torch.equal(read(model, knnmem.Memory.load(pq_store, model=model), query), expected)
