@@ -10,8 +10,6 @@ any stored entry, and a corpus can be cut into shards encoded apart (in parallel
 from __future__ import annotations
 
 import bisect
-import time
-from concurrent.futures import ThreadPoolExecutor
 from itertools import accumulate
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -22,9 +20,6 @@ from tqdm.auto import tqdm
 from ..memory.manager import Document, Memory
 from ..store.shards import sharded_writer
 from .corpus import read_corpus
-
-# Insertion time over reading time above which torch leaves a core to insertion, and below which it takes it back.
-_SPARE_CORE = (0.5, 1.0)
 
 
 @torch.no_grad()
@@ -53,10 +48,8 @@ def encode_documents(
     added, provenance = [], []
     bar = tqdm(total=sum(map(len, documents)), unit="tok", unit_scale=True, disable=not progress, desc="encoding")
 
-    @torch.no_grad()  # grad mode is per thread
-    def insert(scratch: Memory, tokens: list[int], name: str) -> float:
-        """Seconds it took to add the document's entries."""
-        began, start = time.perf_counter(), len(memory)
+    def insert(scratch: Memory, tokens: list[int], name: str) -> None:
+        start = len(memory)
         for layer in memory.layers:
             for keys, values, valid in scratch.entries(layer).chunks():
                 memory.add(layer, keys, values, valid)
@@ -65,35 +58,17 @@ def encode_documents(
         provenance.append(torch.stack([torch.full((len(tokens),), document.id), torch.arange(len(tokens)),
                                        torch.tensor(tokens)], dim=1))
         bar.update(len(tokens))
-        return time.perf_counter() - began
 
-    # A document is inserted into the memory's indexes while the model reads the next one: Faiss's encoding and the
-    # forward pass overlap, and documents still enter in order (one insertion at a time). Where insertion takes
-    # longer than reading, it is what limits, and torch runs on one thread fewer: its OpenMP threads would spin
-    # between operations on the cores Faiss is encoding on. Reading then slows down, so torch takes the thread
-    # back only once insertion takes well under the reading time (`_SPARE_CORE`).
-    threads, spare = torch.get_num_threads(), False
-    try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="knnmem-insert") as inserting:
-            inserted = None
-            for tokens, name in zip(documents, names):
-                if not tokens:
-                    raise ValueError(f"document {name!r} has no tokens")
-                # The document's own earlier windows only, as the model wrote them (encoded once, into `memory`).
-                scratch = memory.empty_like("dense", codec=None, keep_keys=True)
-                ids = torch.tensor(tokens, dtype=torch.long, device=device)[None]
-                start = time.perf_counter()
-                # Only what stored entries depend on is computed: nothing above the last memory layer.
-                model.get_decoder()(input_ids=ids, memory=scratch, use_cache=False, entries_only=True)
-                if inserted is not None:
-                    share = inserted.result() / (time.perf_counter() - start)
-                    spare = share > _SPARE_CORE[1] or (spare and share > _SPARE_CORE[0])
-                    torch.set_num_threads(max(threads - 1, 1) if spare else threads)  # the calling thread's count
-                inserted = inserting.submit(insert, scratch, tokens, name)
-            if inserted is not None:
-                inserted.result()
-    finally:
-        torch.set_num_threads(threads)
+    for tokens, name in zip(documents, names):
+        if not tokens:
+            raise ValueError(f"document {name!r} has no tokens")
+        # The document's own earlier windows only, as the model wrote them (encoded once, into `memory`).
+        scratch = memory.empty_like("dense", codec=None, keep_keys=True)
+        ids = torch.tensor(tokens, dtype=torch.long, device=device)[None]
+        # Only what stored entries depend on is computed: nothing above the last memory layer. Insertion follows on
+        # every core: run beside the next document's forward pass, it and torch's spinning threads slowed each other.
+        model.get_decoder()(input_ids=ids, memory=scratch, use_cache=False, entries_only=True)
+        insert(scratch, tokens, name)
     bar.close()
     memory.documents += added
     old = [memory.provenance] if memory.provenance is not None else []
