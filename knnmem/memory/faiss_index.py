@@ -590,10 +590,10 @@ class FaissBackend:
 def _unpack_state(indexes: dict, metadata: dict, heads: int) -> tuple[list, list, list, list]:
     """`export_state`'s (indexes, metadata) of one row as [row][head] lists."""
     row = [indexes[f"head{h}.faiss"] for h in range(heads)]
-    outliers = metadata.get("ivf_outliers") or [{"radius": None, "ids": []} for _ in range(heads)]
-    outlier_keys = [indexes.get(f"head{h}.outliers.faiss") for h in range(len(outliers))]
-    outlier_keys = [faiss.IndexFlatIP(row[0].d) if keys is None else keys for keys in outlier_keys]
-    return [row], [list(metadata["l2_bounds"])], [outliers], [outlier_keys]
+    # A store lists outliers for every head (checked with its manifest); the file of their keys only without keys kept.
+    found = (indexes.get(f"head{h}.outliers.faiss") for h in range(heads))
+    outlier_keys = [faiss.IndexFlatIP(row[0].d) if keys is None else keys for keys in found]
+    return [row], [list(metadata["l2_bounds"])], [metadata["ivf_outliers"]], [outlier_keys]
 
 
 def _outlier_errors(head: dict) -> np.ndarray:
